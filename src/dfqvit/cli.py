@@ -1,0 +1,305 @@
+"""``dfqvit`` command line: train, eval (and the quantization commands as they land).
+
+Flags mirror timm's validate.py. A :class:`UserError` anywhere becomes one line on stderr
+and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import FASHION_MNIST, make_dataset, make_loader
+from .errors import UserError
+from .evaluate import evaluate
+from .fileio import atomic_path, write_text_atomic
+from .models import ModelSpec, build_model, count_params, parse_kwargs, resolve_data_config, resolve_spec
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (as timm's validate.py)")
+    g.add_argument("--model", "-m", default="zoo:deit-fmnist",
+                   help="timm model name or zoo:NAME (default: zoo:deit-fmnist)")
+    g.add_argument("--pretrained", action="store_true", help="download timm's pretrained weights")
+    g.add_argument("--checkpoint", help="weights: .safetensors, or .pth (loaded weights-only)")
+    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model kwargs, e.g. depths=(2,2) embed_dim=128")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--in-chans", type=int)
+    g.add_argument("--img-size", type=int, help="input image size (also sets the model's img_size)")
+    g.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    g.add_argument("--mean", type=float, nargs="+")
+    g.add_argument("--std", type=float, nargs="+")
+    g.add_argument("--crop-pct", type=float)
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help=f"built-in dataset ({FASHION_MNIST})")
+    g.add_argument("--data-dir", help="ImageFolder root, or where the Fashion-MNIST IDX files are")
+    g.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found")
+    g.add_argument("-b", "--batch-size", type=int, default=256)
+    g.add_argument("-j", "--workers", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+
+
+def add_results_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-file", help="write the results here")
+    p.add_argument("--results-format", choices=["json", "csv"], default="json")
+
+
+def spec_from_args(args) -> ModelSpec:
+    kwargs = parse_kwargs(args.model_kwargs)
+    for flag, key in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("img_size", "img_size")):
+        if getattr(args, flag) is not None:
+            kwargs[key] = getattr(args, flag)
+    input_size = args.input_size
+    if input_size is None and args.img_size is not None:
+        input_size = None  # timm derives it from the model's img_size
+    return resolve_spec(
+        args.model, kwargs=kwargs, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        data_overrides={"input_size": input_size, "mean": args.mean, "std": args.std,
+                        "crop_pct": args.crop_pct, "interpolation": args.interpolation},
+    )
+
+
+def eval_loader(args, data_config: dict, split: str = "test"):
+    if args.data is None and args.data_dir is None:
+        args.data = FASHION_MNIST
+    dataset = make_dataset(args.data, data_config, split=split, data_dir=args.data_dir,
+                           download=args.download)
+    return make_loader(dataset, args.batch_size, workers=args.workers)
+
+
+def write_results(path: str | None, fmt: str, rows: list[dict]) -> None:
+    """Write result rows as JSON (one object, or a list) or CSV, atomically."""
+    if not path:
+        return
+    if fmt == "json":
+        text = json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n"
+    else:
+        buf = io.StringIO()
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+                         for row in rows)
+        text = buf.getvalue()
+    write_text_atomic(path, text)
+
+
+def _quantized_and_reference(args):
+    """``--quantized DIR``: the saved model, plus its FP32 reference (``--model`` if given
+    explicitly, else the model it was made from, when that can still be found)."""
+    from .quant.serialize import load_quantized, reference_spec
+
+    model, meta = load_quantized(args.quantized)
+    spec = spec_from_args(args) if args.model_given else reference_spec(meta)
+    reference = build_model(spec).to(args.device) if spec is not None else None
+    if reference is None:
+        print("note: FP32 reference not found; pass --model/--checkpoint to get agreement and KL",
+              file=sys.stderr)
+    saved = meta["model"]
+    data_config = resolve_data_config(model, saved["data_config"])
+    return model.to(args.device), reference, data_config, f"{args.quantized}"
+
+
+def cmd_eval(args) -> int:
+    if args.quantized:
+        model, reference, data_config, name = _quantized_and_reference(args)
+    else:
+        spec = spec_from_args(args)
+        model, reference, name = build_model(spec).to(args.device), None, args.model
+        data_config = resolve_data_config(model, spec.data_config)
+    result = evaluate(model, eval_loader(args, data_config), device=args.device, reference=reference, desc=name)
+    row = {
+        "model": name, "top1": round(result.top1, 3), "top1_err": round(100 - result.top1, 3),
+        "top5": round(result.top5, 3), "top5_err": round(100 - result.top5, 3),
+        "param_count": round(count_params(model) / 1e6, 3), "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config["crop_pct"], "interpolation": data_config["interpolation"],
+        "images_per_s": round(result.images_per_s, 1),
+    }
+    fidelity = ""
+    if result.agreement is not None:
+        row.update(agreement=round(result.agreement, 3), kl=round(result.kl, 6))
+        fidelity = f"  agreement {result.agreement:.2f}%  KL {result.kl:.4f}"
+    print(f"{name}: top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
+          f"{result.images_per_s:.0f} img/s  params {count_params(model) / 1e6:.2f}M{fidelity}  "
+          f"({result.images} images)")
+    write_results(args.results_file, args.results_format, [row])
+    return 0
+
+
+def cmd_train(args) -> int:
+    from safetensors.torch import save_file
+
+    from .train import TrainConfig, dump_json, train, zoo_card
+
+    spec = spec_from_args(args)
+    if spec.zoo and not args.checkpoint:
+        spec.checkpoint = None  # retrain a zoo model from scratch
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, amp=args.amp, seed=args.seed)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors (got {out})")
+    model, data_config, seconds = train(spec, cfg, device=args.device, data_dir=args.data_dir)
+    args.data = FASHION_MNIST
+    result = evaluate(model, eval_loader(args, data_config), desc="test")
+    command = "dfqvit " + shlex.join(sys.argv[1:])
+    card = zoo_card(spec, data_config, cfg, model, result, seconds, args.device, command, out.name)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_text_atomic(out.with_suffix(".json"), dump_json(card))
+    print(f"trained {spec.name} in {seconds:.0f}s: top1 {result.top1:.2f} top5 {result.top5:.2f} -> {out}")
+    return 0
+
+
+def _first_last_bits(value: str) -> int | None:
+    return None if value.lower() in ("none", "same") else int(value)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    from .calib import CALIBRATION_SOURCES
+    from .quant import PRESETS
+
+    g = p.add_argument_group("quantization")
+    g.add_argument("--w-bits", type=int, default=4, help="weight bits: 2..8, or 16/32 for float")
+    g.add_argument("--a-bits", type=int, default=8, help="activation bits: 2..8, or 16/32 for float")
+    g.add_argument("--preset", default="repq", choices=sorted(PRESETS))
+    g.add_argument("--first-last-bits", type=_first_last_bits, default=8, metavar="BITS|none",
+                   help="bits of the patch embedding and classifier (default 8; none: like the rest)")
+    g.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN", help="fnmatch module names")
+    g.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", default="dfq", choices=sorted(CALIBRATION_SOURCES),
+                   help="calibration images: data-free synthesis (dfq, psaq), noise, or real train images")
+    g.add_argument("--calib-size", type=int, default=32)
+    g.add_argument("--calib-file", help="reuse images written by `dfqvit synth`")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def quant_config_from_args(args):
+    from .quant import QuantConfig
+
+    return QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, preset=args.preset,
+                       first_last_bits=args.first_last_bits, include=tuple(args.include),
+                       exclude=tuple(args.exclude))
+
+
+def calib_spec_from_args(args):
+    from .pipeline import CalibSpec
+
+    if args.calib_size < 1:
+        raise UserError("--calib-size must be at least 1")
+    options = {"data": args.data or (None if args.data_dir else FASHION_MNIST),
+               "data_dir": args.data_dir} if args.calib == "real" else {}
+    return CalibSpec(source=args.calib, size=args.calib_size, seed=args.seed, options=options)
+
+
+def print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def cmd_quantize(args) -> int:
+    from .pipeline import EvalSet, run_quantization
+    from .quant import save_quantized
+
+    qconfig = quant_config_from_args(args)
+    calib = calib_spec_from_args(args)
+    if args.out and Path(args.out).exists() and not args.force:
+        raise UserError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    spec = spec_from_args(args)
+    model = build_model(spec).to(args.device)
+    data_config = resolve_data_config(model, spec.data_config)
+    if args.calib_file:
+        from .calib.cache import load_calibration_file
+        calib.images = load_calibration_file(args.calib_file, data_config)
+        calib.source = f"file:{Path(args.calib_file).name}"
+    evalset = None
+    if not args.no_eval:
+        evalset = EvalSet.from_dataset(eval_loader(args, data_config).dataset, args.batch_size)
+    qmodel, row, _ = run_quantization(model, data_config, qconfig, calib, evalset, device=args.device)
+    row = {"model": args.model, **row}
+    if args.out:
+        save_quantized(qmodel.cpu(), spec, qconfig, args.out, force=args.force,
+                       extra={"calibration": {"source": calib.source, "size": row["calib_size"], "seed": calib.seed},
+                              "results": row})
+    table = [("", "FP32", f"W{qconfig.w_bits}A{qconfig.a_bits} {qconfig.preset}")]
+    if evalset is not None:
+        table += [("top-1 (%)", f"{row['fp32_top1']:.2f}", f"{row['top1']:.2f}"),
+                  ("top-5 (%)", f"{row['fp32_top5']:.2f}", f"{row['top5']:.2f}"),
+                  ("agreement with FP32 (%)", "100.00", f"{row['agreement']:.2f}"),
+                  ("KL(FP32 || Q) (nats)", "0", f"{row['kl']:.4f}")]
+    table.append(("weight bytes", f"{row['fp32_weight_bytes']:,}", f"{row['weight_bytes']:,}"))
+    table += [(f"seconds: {k}", "", f"{v:.1f}") for k, v in row["seconds"].items()]
+    print()
+    print_table(table)
+    if args.out:
+        print(f"saved to {args.out}")
+    write_results(args.results_file, args.results_format, [row])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfqvit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dfqvit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate a model: top-1/top-5, images/s, parameters")
+    p.add_argument("--quantized", metavar="DIR", help="evaluate a model saved by `dfqvit quantize --out DIR`, "
+                   "with agreement and KL against its FP32 model (or --model)")
+    add_model_args(p)
+    add_data_args(p)
+    add_results_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="calibrate and quantize a model (data-free by default)")
+    add_model_args(p)
+    add_data_args(p)
+    add_quant_args(p)
+    add_results_args(p)
+    p.add_argument("--out", help="write the quantized model to this directory")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("train", help="train a model on Fashion-MNIST (reproduces the zoo)")
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the card goes next to it")
+    p.set_defaults(func=cmd_train, batch_size=128)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.model_given = any(a in ("--model", "-m") or a.startswith("--model=") for a in argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"dfqvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfqvit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

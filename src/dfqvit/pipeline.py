@@ -1,0 +1,95 @@
+"""The quantization run shared by the CLI and the benchmarks: calibration images → quantized
+model → evaluation against the FP32 model, with per-stage timings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .calib import CalibrationContext, make_source
+from .evaluate import EvalResult, collect_logits, score
+from .models import count_params
+from .quant import QuantConfig, quantize
+from .quant.size import weight_bytes
+
+
+@dataclass
+class EvalSet:
+    """An evaluation split held as tensors, with the FP32 model's logits computed once."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    batch_size: int = 500
+    fp_logits: torch.Tensor | None = None
+    fp_seconds: float = 0.0
+
+    @classmethod
+    def from_dataset(cls, dataset, batch_size: int = 500) -> "EvalSet":
+        loader = DataLoader(dataset, batch_size=1000)
+        images, targets = zip(*loader)
+        return cls(torch.cat(images), torch.cat(targets), batch_size)
+
+    def loader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.targets), batch_size=self.batch_size)
+
+    def evaluate(self, model, device="cpu", desc="eval", progress=True) -> tuple[EvalResult, torch.Tensor]:
+        logits, targets, seconds = collect_logits(model, self.loader(), device, desc, progress)
+        return score(logits, targets, seconds, self.fp_logits), logits
+
+    def set_reference(self, fp_model, device="cpu", progress=True) -> EvalResult:
+        result, self.fp_logits = self.evaluate(fp_model, device, "fp32", progress)
+        self.fp_seconds = result.seconds
+        return result
+
+
+@dataclass
+class CalibSpec:
+    """Where calibration images come from."""
+
+    source: str = "dfq"
+    size: int = 32
+    seed: int = 0
+    options: dict = field(default_factory=dict)   # passed to the source's constructor
+    images: torch.Tensor | None = None            # precomputed (``--calib-file``)
+
+
+def calibration_images(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
+                       device: str = "cpu") -> torch.Tensor:
+    if calib.images is not None:
+        return calib.images
+    torch.manual_seed(calib.seed)
+    ctx = CalibrationContext(
+        data_config=data_config, seed=calib.seed, device=device,
+        quantize=lambda images: quantize(model, qconfig, images, device=device)[0])
+    return make_source(calib.source, **calib.options).generate(model, calib.size, ctx)
+
+
+def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
+                     evalset: EvalSet | None = None, device: str = "cpu", progress: bool = True):
+    """Returns (quantized model, result row, calibration images)."""
+    seconds = {}
+    start = time.perf_counter()
+    images = calibration_images(model, data_config, qconfig, calib, device)
+    seconds["calibration_data"] = time.perf_counter() - start
+    start = time.perf_counter()
+    qmodel, report = quantize(model, qconfig, images, device=device, progress=progress)
+    seconds["quantize"] = time.perf_counter() - start
+    row = {
+        "preset": qconfig.preset, "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
+        "first_last_bits": qconfig.first_last_bits, "calib": calib.source, "calib_size": len(images),
+        "seed": calib.seed, "quantized_modules": report.counts,
+        "weight_bytes": weight_bytes(qmodel), "fp32_weight_bytes": 4 * count_params(model),
+    }
+    if evalset is not None:
+        if evalset.fp_logits is None:
+            evalset.set_reference(model, device, progress)
+        start = time.perf_counter()
+        result, _ = evalset.evaluate(qmodel, device, "quantized", progress)
+        seconds["eval"] = time.perf_counter() - start
+        fp = score(evalset.fp_logits, evalset.targets)
+        row.update(top1=result.top1, top5=result.top5, fp32_top1=fp.top1, fp32_top5=fp.top5,
+                   agreement=result.agreement, kl=result.kl)
+    row["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return qmodel, row, images

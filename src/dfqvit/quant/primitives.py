@@ -1,0 +1,136 @@
+"""Quantization numerics, kept apart from modules: grids, fake-quant with straight-through
+gradients, the log-√2 quantizer, and range search (min-max, percentile, MSE).
+
+Conventions: ``bits >= 16`` means "keep float". Symmetric grids are signed and restricted
+(``[-(2^(b-1) - 1), 2^(b-1) - 1]``, zero point 0, so they map onto int8 / int4 without the
+extra negative level); asymmetric grids are unsigned ``[0, 2^b - 1]`` with an integer zero point.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_BITS = 16  # at or above this a quantizer is off
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def is_float(bits: int | None) -> bool:
+    return bits is None or bits >= FLOAT_BITS
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               axis: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize (per tensor, or per channel along ``axis``) with straight-through
+    gradients that vanish outside the clipping range; torch's fused kernels do the work."""
+    xf = x.float()
+    zp = zero_point.round().to(torch.int32)
+    if axis is None:
+        out = torch.fake_quantize_per_tensor_affine(xf, scale.float().reshape(()), zp.reshape(()), qmin, qmax)
+    else:
+        out = torch.fake_quantize_per_channel_affine(xf, scale.float().flatten(), zp.flatten(), axis, qmin, qmax)
+    return out.to(x.dtype)
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer codes (as int32) that :func:`fake_quant` dequantizes."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+
+
+def scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                     eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` (element-wise tensors) onto the grid."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return (amax / qmax).clamp_min(eps), torch.zeros_like(amax)
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def log2_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log-√2 quantizer for values in [0, delta] (post-softmax attention, RepQ-ViT style).
+
+    ``q = round(-2·log2(x/delta))``; ``x̂ = delta·2^(-q/2)`` for ``q < 2^bits``, else 0.
+    STE: the gradient of the output w.r.t. ``x`` is the identity.
+    """
+    levels = 2 ** bits
+    ratio = (x / delta).clamp_min(1e-30)
+    q = torch.round(-2 * torch.log2(ratio))
+    xq = torch.where(q < levels, delta * torch.exp2(-q.clamp(0, levels - 1) / 2), torch.zeros_like(x))
+    return x + (xq - x).detach()
+
+
+def log2_codes(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of :func:`log2_fake_quant` (``2^bits`` marks an exact zero)."""
+    q = torch.round(-2 * torch.log2((x / delta).clamp_min(1e-30)))
+    return q.clamp(0, 2 ** bits).to(torch.int32)
+
+
+def _reduce_dims(x: torch.Tensor, channel_dim: int | None) -> tuple[int, ...]:
+    return tuple(range(x.ndim)) if channel_dim is None else tuple(d for d in range(x.ndim) if d != channel_dim % x.ndim)
+
+
+def minmax_range(x: torch.Tensor, channel_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = _reduce_dims(x, channel_dim)
+    return x.amin(dim=dims), x.amax(dim=dims)
+
+
+def percentile_range(x: torch.Tensor, pct: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor (lo, hi) at the ``100 - pct`` and ``pct`` percentiles."""
+    flat = x.flatten().float()
+    q = torch.tensor([1 - pct / 100, pct / 100], dtype=flat.dtype)
+    lo, hi = torch.quantile(flat, q) if flat.numel() <= 2 ** 24 else torch.quantile(flat[: 2 ** 24], q)
+    return lo, hi
+
+
+def mse_range(x: torch.Tensor, bits: int, symmetric: bool, channel_dim: int | None = None,
+              grid: int = 80, min_ratio: float = 0.2, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink the min-max range by the ratio (per channel if ``channel_dim``) that minimises
+    the L_p quantization error of ``x``; returns the chosen (lo, hi)."""
+    lo, hi = minmax_range(x, channel_dim)
+    qmin, qmax = qrange(bits, symmetric)
+    dims = _reduce_dims(x, channel_dim)
+    best_err = torch.full_like(lo, math.inf)
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
+        scale, zp = scale_zero_point(lo * ratio, hi * ratio, bits, symmetric)
+        xq = fake_quant(x, scale, zp, qmin, qmax, axis=channel_dim)
+        err = (xq - x).abs().pow(p).mean(dim=dims)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * ratio, best_lo)
+        best_hi = torch.where(better, hi * ratio, best_hi)
+    return best_lo, best_hi
+
+
+def log2_mse_delta(x: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:
+    """The log-√2 quantizer's ``delta`` (at most ``max(x)``; above it values saturate) that
+    minimises the squared error on ``x``."""
+    top = x.max().clamp_min(1e-8)
+    best, best_err = top, math.inf
+    for ratio in torch.linspace(1.0, 0.5, grid).tolist():
+        delta = top * ratio
+        err = (log2_fake_quant(x, delta, bits) - x).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = delta, err
+    return best
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (reference - approx).float().pow(2).mean()
+    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp_min(1e-20)))

@@ -1,0 +1,168 @@
+"""Quantizer modules: calibration state (observed statistics, chosen ranges) around the
+numerics of :mod:`dfqvit.quant.primitives`.
+
+A quantizer is in one of three states: *off* (identity; bits >= 16 or before calibration),
+*observing* (records statistics, passes values through) and *calibrated* (fake-quantizes).
+Scales and zero points are buffers, so they travel with ``state_dict``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+
+MAX_SAMPLES_PER_BATCH = 1 << 18  # values kept per observed batch for percentile / MSE search
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+class Quantizer(nn.Module):
+    """Common state. ``enabled`` lets calibration steps switch quantization off temporarily."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.observing = False
+        self.enabled = True
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and not P.is_float(self.bits) and bool(self.calibrated)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class ActQuantizer(Quantizer):
+    """Per-tensor uniform activation quantizer; range by min-max, percentile or MSE search."""
+
+    def __init__(self, bits: int, symmetric: bool = False, method: str = "mse"):
+        super().__init__(bits)
+        self.symmetric, self.method = symmetric, method
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self._samples: list[torch.Tensor] = []
+        self._lo = self._hi = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lo, hi = x.min(), x.max()
+        self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+        if self.method != "minmax":
+            flat = x.flatten()
+            if flat.numel() > MAX_SAMPLES_PER_BATCH:
+                idx = torch.randint(0, flat.numel(), (MAX_SAMPLES_PER_BATCH,),
+                                    generator=torch.Generator().manual_seed(flat.numel()), device="cpu")
+                flat = flat[idx.to(flat.device)]
+            self._samples.append(flat.cpu())
+
+    def compute_range(self) -> None:
+        """Turn the observed statistics into scale / zero point and mark calibrated."""
+        if self._lo is None:
+            return  # never reached by calibration data (e.g. an unused branch)
+        if self.method == "minmax":
+            lo, hi = self._lo.cpu(), self._hi.cpu()
+        else:
+            values = torch.cat(self._samples)
+            if self.method == "percentile":
+                lo, hi = P.percentile_range(values)
+            else:
+                lo, hi = P.mse_range(values, self.bits, self.symmetric)
+        scale, zp = P.scale_zero_point(lo.reshape(1), hi.reshape(1), self.bits, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated.fill_(True)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._samples, self._lo, self._hi = [], None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing and not P.is_float(self.bits):
+            self.observe(x)
+            return x
+        if not self.active:
+            return x
+        qmin, qmax = P.qrange(self.bits, self.symmetric)
+        return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-tensor, {self.method}"
+
+
+class Log2Quantizer(ActQuantizer):
+    """Log-√2 quantizer for post-softmax attention; ``scale`` holds its ``delta``."""
+
+    def __init__(self, bits: int, method: str = "mse"):
+        super().__init__(bits, symmetric=False, method=method)
+
+    def compute_range(self) -> None:
+        if self._lo is None:
+            return
+        if self.method == "mse":
+            delta = P.log2_mse_delta(torch.cat(self._samples), self.bits)
+        else:
+            delta = self._hi.cpu().clamp_min(1e-8)
+        self.scale.copy_(delta.reshape(1))
+        self.calibrated.fill_(True)
+        self.reset_stats()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing and not P.is_float(self.bits):
+            self.observe(x)
+            return x
+        if not self.active:
+            return x
+        return P.log2_fake_quant(x, self.scale, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, log-sqrt2, {self.method}"
+
+
+class WeightQuantizer(Quantizer):
+    """Per-output-channel (or per-tensor) uniform weight quantizer, calibrated from the weight itself."""
+
+    def __init__(self, bits: int, channels: int, symmetric: bool = True, method: str = "mse",
+                 per_channel: bool = True):
+        super().__init__(bits)
+        self.symmetric, self.method, self.per_channel = symmetric, method, per_channel
+        n = channels if per_channel else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+
+    @torch.no_grad()
+    def calibrate(self, weight: torch.Tensor) -> None:
+        if P.is_float(self.bits):
+            return
+        w = weight.detach().float()
+        w2 = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+        if self.method == "mse":
+            lo, hi = P.mse_range(w2, self.bits, self.symmetric, channel_dim=0)
+        else:
+            lo, hi = P.minmax_range(w2, channel_dim=0)
+        scale, zp = P.scale_zero_point(lo, hi, self.bits, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.calibrated.fill_(True)
+
+    def _view(self, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, *([1] * (weight.ndim - 1)))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return weight
+        qmin, qmax = P.qrange(self.bits, self.symmetric)
+        if self.per_channel:
+            return P.fake_quant(weight, self.scale, self.zero_point, qmin, qmax, axis=0)
+        return P.fake_quant(weight, self.scale, self.zero_point, qmin, qmax)
+
+    def int_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``weight`` (for packing and export)."""
+        qmin, qmax = P.qrange(self.bits, self.symmetric)
+        return P.quantize_int(weight, self._view(self.scale, weight), self._view(self.zero_point, weight), qmin, qmax)
+
+    def extra_repr(self) -> str:
+        gran = "per-channel" if self.per_channel else "per-tensor"
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {gran}, {self.method}"

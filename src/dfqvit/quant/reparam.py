@@ -1,0 +1,94 @@
+"""RepQ-ViT scale reparameterization of post-LayerNorm activations.
+
+Post-LayerNorm activations of ViTs have a few channels with far wider ranges than the rest,
+which a per-tensor quantizer handles badly. With the per-channel range of the LN output
+(scale ``s_c``, zero point ``z_c`` at the consumer's bit-width), RepQ-ViT picks
+``r1 = s / mean(s)`` and ``r2 = z - round(mean(z))`` and folds them into the LN affine and the
+next Linear, ``x' = (x + s·r2) / r1``:
+
+    γ' = γ / r1,   β' = (β + s·r2) / r1,   W' = W·r1 (per input column),   b' = b − W·(s·r2)
+
+so every channel of ``x'`` spans the same range and a per-tensor quantizer suffices, while the
+float model computes exactly the same function.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+from .modules import QLinear
+
+
+def layernorm_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, list[QLinear]]]:
+    """(name, LayerNorm, Linear layers fed directly by it) for timm ViT / DeiT / Swin."""
+    pairs = []
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(getattr(m, "norm1", None), nn.LayerNorm) and isinstance(getattr(getattr(m, "attn", None), "qkv", None), QLinear):
+            pairs.append((prefix + "norm1", m.norm1, [m.attn.qkv]))
+        if isinstance(getattr(m, "norm2", None), nn.LayerNorm) and isinstance(getattr(getattr(m, "mlp", None), "fc1", None), QLinear):
+            pairs.append((prefix + "norm2", m.norm2, [m.mlp.fc1]))
+        if isinstance(getattr(m, "norm", None), nn.LayerNorm) and isinstance(getattr(m, "reduction", None), QLinear):
+            pairs.append((prefix + "norm", m.norm, [m.reduction]))  # Swin patch merging
+    # The final norm feeds the classifier through token selection or average pooling, both
+    # of which commute with a per-channel affine map.
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    final_norm = getattr(model, "fc_norm", None)
+    if not isinstance(final_norm, nn.LayerNorm):
+        final_norm = getattr(model, "norm", None)
+    no_attn_pool = getattr(model, "attn_pool", None) is None
+    if isinstance(head, QLinear) and isinstance(final_norm, nn.LayerNorm) and no_attn_pool:
+        name = "fc_norm" if final_norm is getattr(model, "fc_norm", None) else "norm"
+        pairs.append((name, final_norm, [head]))
+    return pairs
+
+
+@torch.no_grad()
+def channel_ranges(model: nn.Module, norms: list[nn.LayerNorm], batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (min, max) of each LayerNorm's output over ``batches``."""
+    stats: list[list[torch.Tensor | None]] = [[None, None] for _ in norms]
+
+    def hook(i):
+        def record(_, __, out):
+            flat = out.detach().reshape(-1, out.shape[-1]).float()
+            lo, hi = flat.amin(0), flat.amax(0)
+            s = stats[i]
+            s[0] = lo if s[0] is None else torch.minimum(s[0], lo)
+            s[1] = hi if s[1] is None else torch.maximum(s[1], hi)
+        return record
+
+    handles = [n.register_forward_hook(hook(i)) for i, n in enumerate(norms)]
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(s[0], s[1]) for s in stats]
+
+
+@torch.no_grad()
+def reparameterize(model: nn.Module, batches) -> list[str]:
+    """Apply the reparameterization to every LayerNorm → Linear pair; returns the LN names."""
+    pairs = [p for p in layernorm_consumers(model) if p[1].elementwise_affine]
+    ranges = channel_ranges(model, [p[1] for p in pairs], batches)
+    done = []
+    for (name, norm, consumers), (lo, hi) in zip(pairs, ranges):
+        if lo is None:
+            continue
+        quantizer = consumers[0].input_quant
+        if P.is_float(quantizer.bits):
+            continue
+        s, z = P.scale_zero_point(lo, hi, quantizer.bits, symmetric=False)
+        s = s.clamp_min(1e-5 * float(s.max()))
+        r1 = s / s.mean()
+        r2 = z - torch.round(z.mean())
+        shift = s * r2
+        norm.bias.copy_((norm.bias + shift) / r1)
+        norm.weight.copy_(norm.weight / r1)
+        for lin in consumers:
+            lin.bias.sub_(lin.weight.double().matmul(shift.double()).to(lin.bias.dtype))
+            lin.weight.mul_(r1[None, :])
+        done.append(name)
+    return done
