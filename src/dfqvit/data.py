@@ -42,7 +42,7 @@ def read_idx(path: Path) -> np.ndarray:
             if zero != 0 or dtype_code != 0x08:
                 raise UserError(f"{path} is not an unsigned-byte IDX file")
             shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-            data = np.frombuffer(f.read(), dtype=np.uint8)
+            data = np.frombuffer(bytearray(f.read()), dtype=np.uint8)  # writable: torch.from_numpy warns otherwise
     except (OSError, EOFError, struct.error, zlib.error) as e:
         # a cut-off gzip stream (EOFError), a non-gzip file (BadGzipFile), a short header...
         raise UserError(f"cannot read IDX file {path} (truncated or corrupt?): {e}. "
@@ -59,7 +59,7 @@ def _fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     return dirs + [DEBIAN_FASHION_MNIST_DIR]
 
 
-def _find_idx_files(split: str, data_dir) -> tuple[Path, Path] | None:
+def find_idx_files(split: str, data_dir) -> tuple[Path, Path] | None:
     images, labels = _IDX_FILES[split]
     for d in _fashion_mnist_dirs(data_dir):
         for root in (d, d / "FashionMNIST" / "raw"):  # torchvision's download layout too
@@ -90,11 +90,11 @@ class FashionMNIST(Dataset):
     def __init__(self, split: str = "test", transform=None, data_dir=None, download: bool = False):
         if split not in _IDX_FILES:
             raise UserError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
-        files = _find_idx_files(split, data_dir)
+        files = find_idx_files(split, data_dir)
         if files is None and download:
             root = Path(data_dir) if data_dir else Path.home() / ".cache" / "dfqvit" / "fashion-mnist"
             _download_fashion_mnist(root)
-            files = _find_idx_files(split, root)
+            files = find_idx_files(split, root)
         if files is None:
             where = ", ".join(str(d) for d in _fashion_mnist_dirs(data_dir))
             raise UserError(

@@ -79,7 +79,8 @@ def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        opt, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
     model.train()
     start = time.perf_counter()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp)
@@ -113,7 +114,7 @@ def zoo_card(spec: ModelSpec, data_config: dict, cfg: TrainConfig, model, result
         "dataset": "fashion-mnist",
         "top1": round(result.top1, 2),
         "top5": round(result.top5, 2),
-        "eval_split": "test (10k)",
+        "eval_split": f"test ({result.images} images)",
         "training": {**asdict(cfg), "device": device, "seconds": round(seconds, 1),
                      "torch": torch.__version__, "threads": torch.get_num_threads()},
         "command": command,
