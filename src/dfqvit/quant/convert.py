@@ -39,8 +39,10 @@ def _first_and_last(model: nn.Module) -> set[str]:
     if convs:
         names.add(convs[0])
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    # Distilled DeiT returns its two heads (class and distillation token) as a tuple.
+    heads = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
     for n, m in model.named_modules():
-        if m is classifier and isinstance(m, nn.Linear):
+        if any(m is h for h in heads) and isinstance(m, nn.Linear):
             names.add(n)
     return names
 

@@ -98,23 +98,32 @@ def percentile_range(x: torch.Tensor, pct: float = 99.99) -> tuple[torch.Tensor,
 
 
 def mse_range(x: torch.Tensor, bits: int, symmetric: bool, channel_dim: int | None = None,
-              grid: int = 80, min_ratio: float = 0.2, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+              grid: int = 24, refine: int = 12, min_ratio: float = 0.2,
+              p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink the min-max range by the ratio (per channel if ``channel_dim``) that minimises
-    the L_p quantization error of ``x``; returns the chosen (lo, hi)."""
+    the L_p quantization error of ``x``: a coarse grid of ratios in [min_ratio, 1], then a
+    finer one around the best coarse ratio. Returns the chosen (lo, hi)."""
     lo, hi = minmax_range(x, channel_dim)
     qmin, qmax = qrange(bits, symmetric)
     dims = _reduce_dims(x, channel_dim)
     best_err = torch.full_like(lo, math.inf)
-    best_lo, best_hi = lo.clone(), hi.clone()
-    for ratio in torch.linspace(1.0, min_ratio, grid).tolist():
-        scale, zp = scale_zero_point(lo * ratio, hi * ratio, bits, symmetric)
-        xq = fake_quant(x, scale, zp, qmin, qmax, axis=channel_dim)
-        err = (xq - x).abs().pow(p).mean(dim=dims)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo * ratio, best_lo)
-        best_hi = torch.where(better, hi * ratio, best_hi)
-    return best_lo, best_hi
+    best_ratio = torch.ones_like(lo)
+
+    def search(ratios: torch.Tensor) -> None:  # ratios: (steps, channels) or (steps,)
+        nonlocal best_err, best_ratio
+        for ratio in ratios:
+            scale, zp = scale_zero_point(lo * ratio, hi * ratio, bits, symmetric)
+            err = (fake_quant(x, scale, zp, qmin, qmax, axis=channel_dim) - x).abs().pow(p).mean(dim=dims)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, ratio, best_ratio)
+
+    coarse = torch.linspace(1.0, min_ratio, grid)
+    search(coarse[:, None].expand(-1, lo.numel()).reshape(grid, *lo.shape))
+    step = (1.0 - min_ratio) / (grid - 1)
+    offsets = torch.linspace(-step, step, refine + 2)[1:-1]
+    search((best_ratio[None] + offsets.view(-1, *[1] * lo.ndim)).clamp(min_ratio, 1.0))
+    return lo * best_ratio, hi * best_ratio
 
 
 def log2_mse_delta(x: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from . import primitives as P
 
 MAX_SAMPLES_PER_BATCH = 1 << 18  # values kept per observed batch for percentile / MSE search
+MAX_SAMPLES = 1 << 18            # values the range search runs on (a uniform subsample)
 RANGE_METHODS = ("minmax", "percentile", "mse")
 
 
@@ -45,6 +46,15 @@ class ActQuantizer(Quantizer):
         self._samples: list[torch.Tensor] = []
         self._lo = self._hi = None
 
+    def samples(self) -> torch.Tensor:
+        """The observed values (subsampled uniformly to at most ``MAX_SAMPLES``), plus the
+        exact extremes so that min-max stays reachable."""
+        values = torch.cat(self._samples)
+        if values.numel() > MAX_SAMPLES:
+            idx = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:MAX_SAMPLES]
+            values = values[idx]
+        return torch.cat([values, self._lo.reshape(1).cpu(), self._hi.reshape(1).cpu()])
+
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         lo, hi = x.min(), x.max()
@@ -65,7 +75,7 @@ class ActQuantizer(Quantizer):
         if self.method == "minmax":
             lo, hi = self._lo.cpu(), self._hi.cpu()
         else:
-            values = torch.cat(self._samples)
+            values = self.samples()
             if self.method == "percentile":
                 lo, hi = P.percentile_range(values)
             else:
@@ -102,7 +112,7 @@ class Log2Quantizer(ActQuantizer):
         if self._lo is None:
             return
         if self.method == "mse":
-            delta = P.log2_mse_delta(torch.cat(self._samples), self.bits)
+            delta = P.log2_mse_delta(self.samples(), self.bits)
         else:
             delta = self._hi.cpu().clamp_min(1e-8)
         self.scale.copy_(delta.reshape(1))

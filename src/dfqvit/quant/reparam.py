@@ -34,13 +34,15 @@ def layernorm_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, list[
     # The final norm feeds the classifier through token selection or average pooling, both
     # of which commute with a per-channel affine map.
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled DeiT: (head, head_dist)
     final_norm = getattr(model, "fc_norm", None)
     if not isinstance(final_norm, nn.LayerNorm):
         final_norm = getattr(model, "norm", None)
     no_attn_pool = getattr(model, "attn_pool", None) is None
-    if isinstance(head, QLinear) and isinstance(final_norm, nn.LayerNorm) and no_attn_pool:
+    same_bits = len({h.input_quant.bits for h in heads if isinstance(h, QLinear)}) == 1
+    if all(isinstance(h, QLinear) for h in heads) and same_bits and isinstance(final_norm, nn.LayerNorm) and no_attn_pool:
         name = "fc_norm" if final_norm is getattr(model, "fc_norm", None) else "norm"
-        pairs.append((name, final_norm, [head]))
+        pairs.append((name, final_norm, heads))
     return pairs
 
 
