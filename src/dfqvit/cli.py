@@ -72,8 +72,10 @@ def spec_from_args(args) -> ModelSpec:
 
 
 def eval_loader(args, data_config: dict, split: str = "test"):
-    if args.data is None and args.data_dir is None:
-        args.data = FASHION_MNIST
+    from .data import find_idx_files
+
+    if args.data is None and (args.data_dir is None or find_idx_files(split, args.data_dir)):
+        args.data = FASHION_MNIST  # the default, or a --data-dir holding its IDX files
     dataset = make_dataset(args.data, data_config, split=split, data_dir=args.data_dir,
                            download=args.download)
     return make_loader(dataset, args.batch_size, workers=args.workers)
@@ -183,8 +185,21 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", default="dfq", choices=sorted(CALIBRATION_SOURCES),
                    help="calibration images: data-free synthesis (dfq, psaq), noise, or real train images")
     g.add_argument("--calib-size", type=int, default=32)
-    g.add_argument("--calib-file", help="reuse images written by `dfqvit synth`")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--synth-opts", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="synthesis config fields for --calib dfq/psaq (switches for ablations), "
+                        "e.g. hard_mining=False iterations=200; see `dfqvit synth --help`")
+
+
+def add_acm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("activation correction matrix (ACM)")
+    g.add_argument("--acm", default="full", choices=["full", "diag", "off"],
+                   help="closed-form correction of intermediate activations (default: full)")
+    g.add_argument("--acm-where", default="block", choices=["block", "branch"],
+                   help="block outputs, or attention/MLP branch outputs")
+    g.add_argument("--acm-target", default="fp", choices=["fp", "fp_module"],
+                   help="FP activation of the same image, or the FP module on the quantized input")
+    g.add_argument("--acm-ridge", type=float, default=1e-2, help="ridge strength, relative to the data")
 
 
 def quant_config_from_args(args):
@@ -195,13 +210,23 @@ def quant_config_from_args(args):
                        exclude=tuple(args.exclude))
 
 
+def acm_config_from_args(args):
+    from .acm import ACMConfig
+
+    return ACMConfig(kind=args.acm, where=args.acm_where, target=args.acm_target, ridge=args.acm_ridge)
+
+
 def calib_spec_from_args(args):
     from .pipeline import CalibSpec
 
     if args.calib_size < 1:
         raise UserError("--calib-size must be at least 1")
-    options = {"data": args.data or (None if args.data_dir else FASHION_MNIST),
-               "data_dir": args.data_dir} if args.calib == "real" else {}
+    if args.calib == "real":
+        options = {"data": args.data or (None if args.data_dir else FASHION_MNIST), "data_dir": args.data_dir}
+    else:
+        options = parse_kwargs(args.synth_opts)
+        if options and args.calib == "noise":
+            raise UserError("--synth-opts only applies to --calib dfq or psaq")
     return CalibSpec(source=args.calib, size=args.calib_size, seed=args.seed, options=options)
 
 
@@ -216,6 +241,7 @@ def cmd_quantize(args) -> int:
     from .quant import save_quantized
 
     qconfig = quant_config_from_args(args)
+    acm = acm_config_from_args(args)
     calib = calib_spec_from_args(args)
     if args.out and Path(args.out).exists() and not args.force:
         raise UserError(f"{args.out} already exists; choose another --out or pass --force to replace it")
@@ -229,25 +255,66 @@ def cmd_quantize(args) -> int:
     evalset = None
     if not args.no_eval:
         evalset = EvalSet.from_dataset(eval_loader(args, data_config).dataset, args.batch_size)
-    qmodel, row, _ = run_quantization(model, data_config, qconfig, calib, evalset, device=args.device)
+    qmodel, row, _ = run_quantization(model, data_config, qconfig, calib, evalset, acm=acm, device=args.device)
     row = {"model": args.model, **row}
     if args.out:
         save_quantized(qmodel.cpu(), spec, qconfig, args.out, force=args.force,
                        extra={"calibration": {"source": calib.source, "size": row["calib_size"], "seed": calib.seed},
-                              "results": row})
-    table = [("", "FP32", f"W{qconfig.w_bits}A{qconfig.a_bits} {qconfig.preset}")]
+                              "acm": acm.to_dict(), "results": row})
+    label = f"W{qconfig.w_bits}A{qconfig.a_bits} {qconfig.preset}" + (f" +ACM {acm.kind}" if acm.kind != "off" else "")
+    table = [("", "FP32", label)]
     if evalset is not None:
         table += [("top-1 (%)", f"{row['fp32_top1']:.2f}", f"{row['top1']:.2f}"),
                   ("top-5 (%)", f"{row['fp32_top5']:.2f}", f"{row['top5']:.2f}"),
                   ("agreement with FP32 (%)", "100.00", f"{row['agreement']:.2f}"),
                   ("KL(FP32 || Q) (nats)", "0", f"{row['kl']:.4f}")]
     table.append(("weight bytes", f"{row['fp32_weight_bytes']:,}", f"{row['weight_bytes']:,}"))
+    if acm.kind != "off":
+        table.append(("ACM extra parameters", "", f"{row['acm_params']:,} ({row['acm_params_pct']:.1f}%)"))
     table += [(f"seconds: {k}", "", f"{v:.1f}") for k, v in row["seconds"].items()]
     print()
     print_table(table)
     if args.out:
         print(f"saved to {args.out}")
     write_results(args.results_file, args.results_format, [row])
+    return 0
+
+
+def cmd_synth(args) -> int:
+    """Synthesize a calibration set once, for inspection and reuse (``quantize --calib-file``)."""
+    import time
+    from dataclasses import asdict, is_dataclass
+
+    from .calib.cache import file_sha256, save_calibration_file
+    from .pipeline import calibration_images
+
+    qconfig = quant_config_from_args(args)
+    calib = calib_spec_from_args(args)
+    if calib.source in ("noise", "real"):
+        raise UserError(f"`dfqvit synth` makes data-free images (--calib dfq or psaq), not {calib.source}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    spec = spec_from_args(args)
+    model = build_model(spec).to(args.device)
+    data_config = resolve_data_config(model, spec.data_config)
+    start = time.perf_counter()
+    images = calibration_images(model, data_config, qconfig, calib, device=args.device)
+    seconds = time.perf_counter() - start
+    from .calib import make_source
+    source_config = getattr(make_source(calib.source, **calib.options), "config", None)
+    meta = {
+        "source": calib.source, "seed": calib.seed, "model": args.model, "timm_name": spec.name,
+        "model_kwargs": spec.kwargs,
+        "checkpoint_sha256": file_sha256(spec.checkpoint) if spec.checkpoint else None,
+        "quantization_for_hard_mining": qconfig.to_dict(),
+        "source_config": asdict(source_config) if is_dataclass(source_config) else calib.options,
+        "seconds": round(seconds, 2), "images_per_s": round(len(images) / seconds, 2),
+        "device": args.device, "torch": torch.__version__,
+    }
+    save_calibration_file(out, images, data_config, meta)
+    print(f"{len(images)} {calib.source} images in {seconds:.1f}s ({len(images) / seconds:.2f} images/s) "
+          f"-> {out} (+ {out.with_suffix('.json').name}, {out.with_suffix('.png').name})")
     return 0
 
 
@@ -268,11 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     add_quant_args(p)
+    p.add_argument("--calib-file", help="reuse calibration images written by `dfqvit synth`")
+    add_acm_args(p)
     add_results_args(p)
     p.add_argument("--out", help="write the quantized model to this directory")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("synth", help="synthesize calibration images data-free and save them")
+    add_model_args(p)
+    add_data_args(p)
+    add_quant_args(p)
+    p.add_argument("--out", required=True, help="images file (.safetensors); a .json sidecar and .png grid go next to it")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a model on Fashion-MNIST (reproduces the zoo)")
     add_model_args(p)

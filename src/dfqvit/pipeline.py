@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .acm import ACMConfig, correction_cost, fit_corrections
 from .calib import CalibrationContext, make_source
 from .evaluate import EvalResult, collect_logits, score
 from .models import count_params
@@ -67,8 +68,10 @@ def calibration_images(model, data_config: dict, qconfig: QuantConfig, calib: Ca
 
 
 def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
-                     evalset: EvalSet | None = None, device: str = "cpu", progress: bool = True):
-    """Returns (quantized model, result row, calibration images)."""
+                     evalset: EvalSet | None = None, acm: ACMConfig | None = None,
+                     device: str = "cpu", progress: bool = True):
+    """Calibration images → quantized model (→ activation correction) → evaluation.
+    Returns (quantized model, result row, calibration images)."""
     seconds = {}
     start = time.perf_counter()
     images = calibration_images(model, data_config, qconfig, calib, device)
@@ -76,10 +79,19 @@ def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: Cali
     start = time.perf_counter()
     qmodel, report = quantize(model, qconfig, images, device=device, progress=progress)
     seconds["quantize"] = time.perf_counter() - start
+    acm = acm or ACMConfig(kind="off")
+    acm_row = {"acm": acm.kind}
+    if acm.kind != "off":
+        start = time.perf_counter()
+        fit = fit_corrections(qmodel, model, images, acm, device=device, progress=progress)
+        seconds["acm"] = time.perf_counter() - start
+        cost = correction_cost(qmodel)
+        acm_row.update(acm_where=acm.where, acm_target=acm.target, acm_points=len(fit["points"]),
+                       acm_params=cost["params"], acm_params_pct=round(cost["params_pct"], 2))
     row = {
         "preset": qconfig.preset, "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
         "first_last_bits": qconfig.first_last_bits, "calib": calib.source, "calib_size": len(images),
-        "seed": calib.seed, "quantized_modules": report.counts,
+        "seed": calib.seed, **acm_row, "quantized_modules": report.counts,
         "weight_bytes": weight_bytes(qmodel), "fp32_weight_bytes": 4 * count_params(model),
     }
     if evalset is not None:

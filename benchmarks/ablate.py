@@ -1,0 +1,145 @@
+"""Accuracy tables: calibration sources × bit-widths × presets × ACM on the zoo models.
+
+Every method is evaluated on the full Fashion-MNIST test split against the FP32 model in the
+same process (top-1, agreement with FP32, KL(FP32 ‖ Q)), mean ± std over seeds. Synthesized
+calibration sets are cached under ``runs/calib-cache`` so reruns only pay for evaluation.
+
+Examples::
+
+    python benchmarks/ablate.py --table ptq        # issue 3: noise/real × presets × bit-widths
+    python benchmarks/ablate.py --table acm        # issue 5: noise, psaq, dfq ± ACM, real ± ACM
+    python benchmarks/ablate.py --table acm --write   # also update docs/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from common import ROOT, git_commit, machine_line, markdown_table, mean_std, write_section
+
+from dfqvit.acm import ACMConfig
+from dfqvit.calib.cache import load_calibration_file, save_calibration_file
+from dfqvit.data import FASHION_MNIST, make_dataset
+from dfqvit.models import load_model
+from dfqvit.pipeline import CalibSpec, EvalSet, calibration_images, run_quantization
+from dfqvit.quant import QuantConfig
+
+CACHE = ROOT / "runs" / "calib-cache"
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    calib: str
+    acm: str = "off"
+    preset: str = "repq"
+    synth_opts: tuple = ()
+    mined: bool = False   # images depend on the quantization setting (hard-example mining)
+
+
+TABLES = {
+    "ptq": dict(
+        settings=[(8, 8), (6, 6), (4, 8), (4, 4), (3, 8), (3, 4)],
+        methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "psaq") for c in ("noise", "real")]),
+    "calib": dict(
+        settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
+        methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
+                 Method("real", "real")]),
+    "acm": dict(
+        settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
+        methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
+                 Method("dfq + ACM", "dfq", acm="full", mined=True), Method("real", "real"),
+                 Method("real + ACM", "real", acm="full")]),
+}
+
+
+@dataclass
+class Cell:
+    top1: list = field(default_factory=list)
+    agreement: list = field(default_factory=list)
+    kl: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)
+
+
+def cached_images(model, data_config, model_name, method: Method, qconfig, seed, size) -> torch.Tensor:
+    tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
+    opts = "-".join(f"{k}={v}" for k, v in method.synth_opts)
+    path = CACHE / f"{model_name.replace(':', '_')}-{method.calib}{'-' + opts if opts else ''}-{tag}n{size}-s{seed}.safetensors"
+    if path.exists():
+        return load_calibration_file(path, data_config)
+    calib = CalibSpec(method.calib, size, seed, options=dict(method.synth_opts) if method.calib in ("psaq", "dfq")
+                      else ({"data": FASHION_MNIST} if method.calib == "real" else {}))
+    start = time.perf_counter()
+    images = calibration_images(model, data_config, qconfig, calib)
+    if method.calib in ("psaq", "dfq"):
+        save_calibration_file(path, images, data_config, {"source": method.calib, "seed": seed,
+                                                          "seconds": time.perf_counter() - start})
+    return images
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", choices=sorted(TABLES), required=True)
+    parser.add_argument("--models", nargs="+", default=["zoo:deit-fmnist", "zoo:swin-fmnist"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", help="override bit settings, e.g. W4A8 W3A4")
+    parser.add_argument("--methods", nargs="+", help="only these method labels")
+    parser.add_argument("--calib-size", type=int, default=32)
+    parser.add_argument("--eval-size", type=int, default=10000, help="test images used (all 10k by default)")
+    parser.add_argument("--write", action="store_true", help="update the table's section of docs/RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    table = TABLES[args.table]
+    settings = table["settings"]
+    if args.settings:
+        settings = [tuple(int(x) for x in s.upper().lstrip("W").split("A")) for s in args.settings]
+    methods = [m for m in table["methods"] if not args.methods or m.label in args.methods]
+    sections = []
+    for model_name in args.models:
+        model, data_config, _ = load_model(model_name)
+        dataset = make_dataset(FASHION_MNIST, data_config, split="test")
+        evalset = EvalSet.from_dataset(dataset)
+        evalset.images, evalset.targets = evalset.images[:args.eval_size], evalset.targets[:args.eval_size]
+        fp = evalset.set_reference(model, progress=False)
+        cells: dict = {}
+        for w, a in settings:
+            for m in methods:
+                cell = cells.setdefault((w, a, m.label), Cell())
+                for seed in args.seeds:
+                    qconfig = QuantConfig(w_bits=w, a_bits=a, preset=m.preset)
+                    start = time.perf_counter()
+                    images = cached_images(model, data_config, model_name, m, qconfig, seed, args.calib_size)
+                    _, row, _ = run_quantization(model, data_config, qconfig,
+                                                 CalibSpec(m.calib, len(images), seed, images=images),
+                                                 evalset, acm=ACMConfig(kind=m.acm), progress=False)
+                    cell.top1.append(row["top1"])
+                    cell.agreement.append(row["agreement"])
+                    cell.kl.append(row["kl"])
+                    cell.seconds.append(time.perf_counter() - start)
+                print(f"{model_name} W{w}A{a} {m.label:12s} top1 {mean_std(cell.top1)}  agree "
+                      f"{mean_std(cell.agreement)}  KL {mean_std(cell.kl, 4)}", flush=True)
+        header = ["setting"] + [m.label for m in methods]
+        rows = []
+        for w, a in settings:
+            rows.append([f"W{w}A{a}"] + [
+                f"{mean_std(c.top1)} / {mean_std(c.agreement)} / {mean_std(c.kl, 4)}"
+                for c in (cells[(w, a, m.label)] for m in methods)])
+        sections.append(f"**{model_name}** (FP32 top-1 {fp.top1:.2f}%) — each cell: top-1 % / agreement "
+                        f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}\n\n"
+                        + markdown_table(header, rows))
+    command = "python benchmarks/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()}; "
+            f"{args.calib_size} calibration images, {args.eval_size} test images)\n\n" + "\n\n".join(sections))
+    print("\n" + body)
+    if args.write:
+        write_section(f"ablate-{args.table}", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

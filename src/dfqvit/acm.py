@@ -1,0 +1,231 @@
+"""Activation correction matrix (ACM): closed-form alignment of the quantized model's
+intermediate activations with the full-precision model's, without gradient steps.
+
+Our reading of DFQ-ViT's ACM (the paper gives no recipe): at each correction point (block
+outputs by default; attention and MLP branch outputs as an option) an affine map
+``y = x·Wᵀ + b`` (``full``) or ``y = x·s + t`` (``diag``) is fitted by ridge least squares so
+that the quantized activation ``x`` maps onto the full-precision one. Points are fitted in
+forward order, each on the stream already corrected by the points before it. Only the
+Gram matrices ``AᵀA`` and ``AᵀY`` (float64) are accumulated over batches, so memory does not
+grow with the calibration set. The ridge pulls toward the identity, so with quantization off
+(``x == y``) the fit is exactly the identity, and tiny or singular calibration sets stay stable.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .errors import UserError
+
+ACM_KINDS = ("full", "diag", "off")
+ACM_WHERE = ("block", "branch")
+ACM_TARGETS = ("fp", "fp_module")
+
+
+@dataclass(frozen=True)
+class ACMConfig:
+    """``target``: ``fp`` — the FP model's activation for the same image; ``fp_module`` — the
+    FP module applied to the quantized model's (corrected) input of that module."""
+
+    kind: str = "full"
+    where: str = "block"
+    target: str = "fp"
+    ridge: float = 1e-2          # relative to the mean diagonal of AᵀA
+    batch_size: int = 32
+
+    def __post_init__(self):
+        for name, value, allowed in (("kind", self.kind, ACM_KINDS), ("where", self.where, ACM_WHERE),
+                                     ("target", self.target, ACM_TARGETS)):
+            if value not in allowed:
+                raise UserError(f"ACM {name} {value!r} is not one of {', '.join(allowed)}")
+        if not self.ridge > 0:
+            raise UserError(f"ACM ridge must be positive (got {self.ridge})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ActivationCorrection(nn.Module):
+    """An affine map on the last dimension, initialised to the identity."""
+
+    def __init__(self, dim: int, kind: str = "full"):
+        super().__init__()
+        self.kind = kind
+        if kind == "full":
+            self.weight = nn.Parameter(torch.eye(dim), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "full":
+            return nn.functional.linear(x, self.weight, self.bias)
+        return x * self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, dim={self.bias.numel()}"
+
+
+class Corrected(nn.Module):
+    """``acm(module(...))``: a module whose output is corrected."""
+
+    def __init__(self, module: nn.Module, acm: ActivationCorrection):
+        super().__init__()
+        self.module, self.acm = module, acm
+
+    def forward(self, *args, **kwargs):
+        return self.acm(self.module(*args, **kwargs))
+
+
+def _is_block(m: nn.Module) -> bool:
+    """A transformer block of timm ViT / DeiT / Swin: pre-norm attention + MLP."""
+    return all(hasattr(m, a) for a in ("norm1", "attn", "norm2", "mlp"))
+
+
+def correction_points(model: nn.Module, where: str) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, channels) of every place a correction goes, in forward order."""
+    points = []
+    for name, m in model.named_modules():
+        if not _is_block(m) or isinstance(m, Corrected):
+            continue
+        dim = m.norm1.normalized_shape[0]
+        if where == "block":
+            points.append((name, m, dim))
+        else:
+            points.append((f"{name}.attn", m.attn, dim))
+            points.append((f"{name}.mlp", m.mlp, m.mlp.fc2.out_features))
+    if not points:
+        raise UserError("the model has no transformer blocks to correct (expected timm ViT / DeiT / Swin)")
+    return points
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def attach_corrections(model: nn.Module, config: ACMConfig) -> list[str]:
+    """Wrap every correction point with an identity :class:`Corrected`; returns their names."""
+    if config.kind == "off":
+        return []
+    names = []
+    for name, module, dim in correction_points(model, config.where):
+        _set_submodule(model, name, Corrected(module, ActivationCorrection(dim, config.kind)))
+        names.append(name)
+    return names
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(module: nn.Module, want_input: bool = False):
+    """Hook that records a module's output (or first input) and stops the forward pass."""
+    box = {}
+
+    def hook(_, args, kwargs, out):
+        box["x"] = args[0] if want_input else out
+        box["kwargs"] = kwargs
+        raise _Stop
+
+    return box, module.register_forward_hook(hook, with_kwargs=True)
+
+
+def _run_until(model, module, images, want_input=False):
+    box, handle = _capture(module, want_input)
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal-equation terms of one batch (float64); a bias column is appended to ``x``."""
+    if kind == "full":
+        a = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        return a.T @ a, a.T @ y
+    # diag: per channel a 2×2 system in (scale, shift): (C, 2, 2) and (C, 2)
+    sx, n = x.sum(0), torch.full_like(x[0], len(x))
+    g = torch.stack([torch.stack([(x * x).sum(0), sx], -1), torch.stack([sx, n], -1)], -2)
+    return g, torch.stack([(x * y).sum(0), y.sum(0)], -1)
+
+
+def _solve(ata: torch.Tensor, aty: torch.Tensor, kind: str, ridge: float) -> torch.Tensor:
+    """Ridge least squares pulled toward the identity map (ridge relative to AᵀA's diagonal)."""
+    if kind == "full":
+        d = aty.shape[1]
+        prior = torch.zeros_like(aty)
+        prior[:d, :d] = torch.eye(d, dtype=aty.dtype)
+        lam = ridge * ata.diagonal().mean().clamp_min(1e-12)
+        return torch.linalg.solve(ata + lam * torch.eye(len(ata), dtype=ata.dtype), aty + lam * prior)
+    lam = ridge * ata[:, 0, 0].mean().clamp_min(1e-12)
+    prior = torch.tensor([1.0, 0.0], dtype=aty.dtype).expand_as(aty)
+    return torch.linalg.solve(ata + lam * torch.eye(2, dtype=ata.dtype), aty + lam * prior)
+
+
+def _residual(sol: torch.Tensor, ata: torch.Tensor, aty: torch.Tensor, yy: float, kind: str) -> float:
+    """``‖A·sol − Y‖²`` from the accumulated Gram terms (no second pass over the data)."""
+    if kind == "full":
+        return float((sol * (ata @ sol)).sum() - 2 * (sol * aty).sum() + yy)
+    return float(torch.einsum("ci,cij,cj->", sol, ata, sol) - 2 * (sol * aty).sum() + yy)
+
+
+@torch.no_grad()
+def fit_corrections(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, config: ACMConfig,
+                    device: str = "cpu", progress: bool = True) -> dict:
+    """Insert and fit the corrections of ``config`` into ``qmodel`` (in place), point by point.
+
+    Returns a summary: the corrected points and, per point, the mean squared error to the
+    target before and after its correction (on the calibration images).
+    """
+    names = attach_corrections(qmodel, config)
+    fp_model, qmodel = fp_model.eval().to(device), qmodel.eval().to(device)
+    batches = images.to(device).split(config.batch_size)
+    summary = {"points": names, "mse_before": [], "mse_after": []}
+    for name in tqdm(names, desc="ACM", disable=not progress, leave=False):
+        wrapper: Corrected = qmodel.get_submodule(name)
+        fp_module = fp_model.get_submodule(name)
+        ata = aty = None
+        sq_err = yy = count = 0.0
+        for batch in batches:
+            x = _run_until(qmodel, wrapper.module, batch)["x"]
+            if config.target == "fp":
+                y = _run_until(fp_model, fp_module, batch)["x"]
+            else:
+                inp = _run_until(qmodel, wrapper.module, batch, want_input=True)
+                y = fp_module(inp["x"], **inp["kwargs"])
+            x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+            g, h = _gram(x, y, config.kind)
+            ata, aty = (g, h) if ata is None else (ata + g, aty + h)
+            sq_err += float((x - y).pow(2).sum())
+            yy += float(y.pow(2).sum())
+            count += y.numel()
+        sol = _solve(ata, aty, config.kind, config.ridge)
+        if config.kind == "full":
+            d = aty.shape[1]
+            wrapper.acm.weight.copy_(sol[:d].T.float())
+            wrapper.acm.bias.copy_(sol[d].float())
+        else:
+            wrapper.acm.weight.copy_(sol[:, 0].float())
+            wrapper.acm.bias.copy_(sol[:, 1].float())
+        summary["mse_before"].append(sq_err / count)
+        summary["mse_after"].append(_residual(sol, ata, aty, yy, config.kind) / count)
+    return summary
+
+
+def correction_cost(model: nn.Module) -> dict:
+    """Extra parameters and FLOPs per token of the corrections, absolute and as % of the model."""
+    extra_params = extra_flops = 0
+    for m in model.modules():
+        if isinstance(m, ActivationCorrection):
+            extra_params += m.weight.numel() + m.bias.numel()
+            extra_flops += 2 * m.weight.numel() if m.kind == "full" else 2 * m.bias.numel()
+    params = sum(p.numel() for p in model.parameters()) - extra_params
+    return {"params": extra_params, "params_pct": 100.0 * extra_params / max(params, 1),
+            "flops_per_token": extra_flops}
