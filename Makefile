@@ -27,8 +27,8 @@ data:
 	else echo "note: Fashion-MNIST not installed (needs root for apt-get install dataset-fashion-mnist)"; fi
 
 demo: setup
-	$(VENV)/bin/dfqvit eval --model zoo:deit-fmnist --data fashion-mnist
-	$(VENV)/bin/dfqvit eval --model zoo:swin-fmnist --data fashion-mnist
+	$(VENV)/bin/dfqvit quantize --model zoo:deit-fmnist --w-bits 4 --a-bits 8 --calib dfq --acm full \
+		--data fashion-mnist --out runs/demo-deit-fmnist-w4a8 --force --results-file runs/demo-deit-fmnist-w4a8.json
 
 test: setup
 	$(PY) -m pytest -q

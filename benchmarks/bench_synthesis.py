@@ -15,9 +15,9 @@ or any timm name (random init, timm's input size). Defaults: on CPU the presets
 ``deit-fmnist-arch`` and ``swin-28`` plus ``zoo:deit-fmnist`` when its checkpoint exists; on
 CUDA ``deit_tiny_patch16_224`` and ``deit_base_patch16_224`` (random init, 224x224x3).
 
-``--mining`` adds hard-example mining to ``dfq`` with a *stand-in* quantizer (weights rounded
-to 4 bits per channel, straight-through 8-bit rounding of every Linear input): it measures the
-cost of the extra quantized forward/backward, not the real quantizer's calibration time.
+``--mining`` adds hard-example mining to ``dfq`` against the real quantizer (preset repq at
+``--mining-bits``, W4A8 by default): its calibration time and the quantized forward/backward
+are included in the timing, as in ``dfqvit quantize``.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dfqvit.calib import CalibrationContext, make_source  # noqa: E402
 from dfqvit.models import ZOO_DIR, load_model, resolve_data_config  # noqa: E402
+from dfqvit.quant import QuantConfig, quantize  # noqa: E402
 
 PRESETS = {
     # the architecture of zoo:deit-fmnist, random init (1.2M parameters, 49 patches, 6 blocks)
@@ -70,18 +71,10 @@ def build(name: str):
     return model, resolve_data_config(model)
 
 
-def stand_in_quantizer(model: nn.Module):
-    def quantize(images):
-        q = copy.deepcopy(model)
-        with torch.no_grad():
-            for m in q.modules():
-                if isinstance(m, nn.Linear):
-                    s = m.weight.abs().amax(1, keepdim=True).clamp_min(1e-8) / 7
-                    m.weight.copy_((m.weight / s).round() * s)
-                    m.register_forward_pre_hook(
-                        lambda mod, a: (a[0] + ((a[0] * 32).round() / 32 - a[0]).detach(),))
-        return q
-    return quantize
+def real_quantizer(model: nn.Module, w_bits: int, a_bits: int):
+    """The quantizer ``dfqvit quantize`` mines against: a calibrated repq copy of ``model``."""
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+    return lambda images: quantize(model, config, images.to(next(model.parameters()).device))[0]
 
 
 def sync(device: str):
@@ -100,8 +93,8 @@ def time_one(model, data_config, config_name: str, args) -> dict:
     model = model.to(args.device)
     if args.compile:
         torch._dynamo.reset()  # a fresh compile per row: no recompile-limit fallback to eager
-    quantize = stand_in_quantizer(model) if (args.mining and source_name == "dfq") else None
-    ctx = CalibrationContext(data_config=data_config, seed=args.seed, device=args.device, quantize=quantize)
+    mine = real_quantizer(model, *args.mining_bits) if (args.mining and source_name == "dfq") else None
+    ctx = CalibrationContext(data_config=data_config, seed=args.seed, device=args.device, quantize=mine)
     # warm-up: compilation (with --compile) and allocator / kernel warm-up, same shapes
     warm = make_source(source_name, **{**overrides, "iterations": 2 if not args.compile else max(2, args.iters // 10)})
     t0 = time.perf_counter()
@@ -131,7 +124,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32, help="images per run (= batch size)")
     p.add_argument("--compile", action="store_true", help="torch.compile the synthesis step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
-    p.add_argument("--mining", action="store_true", help="dfq: hard-example mining with a stand-in quantizer")
+    p.add_argument("--mining", action="store_true", help="dfq: hard-example mining against the real quantizer")
+    p.add_argument("--mining-bits", type=int, nargs=2, default=(4, 8), metavar=("W", "A"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="show the tqdm bars")
@@ -156,7 +150,7 @@ def main(argv=None):
     print(f"# synthesis benchmark: {dev_name}; torch {torch.__version__}; batch {args.batch}; "
           f"iters {args.iters}/round|stage; compile={args.compile}"
           f"{' (' + args.compile_mode + ')' if args.compile_mode else ''}; "
-          f"bf16 autocast={'on' if cuda else 'off (CPU)'}; mining={'stand-in' if args.mining else 'off'}")
+          f"bf16 autocast={'on' if cuda else 'off (CPU)'}; mining={'W%dA%d' % tuple(args.mining_bits) if args.mining else 'off'}")
     header = (f"{'model':<26} {'config':<15} {'steps':>6} {'seconds':>9} {'ms/step':>9} {'img/s':>8} "
               f"{'warmup s':>9} {'final CE':>9}")
     print(header)

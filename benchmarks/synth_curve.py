@@ -1,0 +1,69 @@
+"""Top-1 / KL against synthesis time for the ``dfq`` source: how many iterations are worth it.
+
+For each iteration budget (per E2H stage), synthesize the calibration set, quantize with it
+and evaluate on the full test split against FP32; noise and real calibration are the
+reference points. The default iteration count of ``DFQSynthConfig`` is chosen from this curve.
+
+    python benchmarks/synth_curve.py --model zoo:deit-fmnist --setting W4A4 --iters 25 50 100 200 --write
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+
+from common import git_commit, machine_line, markdown_table, mean_std, write_section
+
+from dfqvit.acm import ACMConfig
+from dfqvit.data import FASHION_MNIST, make_dataset
+from dfqvit.models import load_model
+from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
+from dfqvit.quant import QuantConfig
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="zoo:deit-fmnist")
+    p.add_argument("--setting", default="W4A4")
+    p.add_argument("--iters", type=int, nargs="+", default=[25, 50, 100, 200])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--calib-size", type=int, default=32)
+    p.add_argument("--acm", default="off", choices=["off", "full", "diag"])
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args(argv)
+    w, a = (int(x) for x in args.setting.upper().lstrip("W").split("A"))
+    qconfig = QuantConfig(w_bits=w, a_bits=a)
+    model, data_config, _ = load_model(args.model)
+    evalset = EvalSet.from_dataset(make_dataset(FASHION_MNIST, data_config, split="test"))
+    fp = evalset.set_reference(model, progress=False)
+    rows = []
+    points = [("noise", None), ("real", None)] + [("dfq", n) for n in args.iters]
+    for source, iters in points:
+        top1, kl, secs = [], [], []
+        for seed in args.seeds:
+            options = {"iterations": iters, "progress": False} if iters else (
+                {"data": FASHION_MNIST} if source == "real" else {})
+            start = time.perf_counter()
+            _, row, _ = run_quantization(model, data_config, qconfig, CalibSpec(source, args.calib_size, seed, options),
+                                         evalset, acm=ACMConfig(kind=args.acm), progress=False)
+            top1.append(row["top1"])
+            kl.append(row["kl"])
+            secs.append(row["seconds"]["calibration_data"])
+        label = f"dfq, {iters} it/stage" if iters else source
+        rows.append([label, f"{statistics.mean(secs):.1f}", mean_std(top1), mean_std(kl, 4)])
+        print(rows[-1], flush=True)
+    command = "python benchmarks/synth_curve.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()})\n\n"
+            f"{args.model} at {args.setting} (preset repq, ACM {args.acm}, {args.calib_size} images; FP32 top-1 "
+            f"{fp.top1:.2f}%), seeds {args.seeds}; synthesis seconds include hard-example mining's calibrations.\n\n"
+            + markdown_table(["calibration", "synthesis s", "top-1 %", "KL(FP32‖Q)"], rows))
+    print("\n" + body)
+    if args.write:
+        write_section("synth-curve", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
