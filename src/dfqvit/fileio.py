@@ -24,9 +24,9 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _default_mode(directory=False))
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode(directory=False))  # writers may have recreated the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
