@@ -1,4 +1,4 @@
-"""``dfqvit`` command line: train, eval (and the quantization commands as they land).
+"""``dfqvit`` command line: eval, quantize, synth, train, export.
 
 Flags mirror timm's validate.py. A :class:`UserError` anywhere becomes one line on stderr
 and exit status 2.
@@ -115,6 +115,9 @@ def _quantized_and_reference(args):
 
 
 def cmd_eval(args) -> int:
+    if getattr(args, "onnx", None):
+        from .export.cli import cmd_eval_onnx
+        return cmd_eval_onnx(args)
     if args.quantized:
         model, reference, data_config, name = _quantized_and_reference(args)
     else:
@@ -329,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     add_results_args(p)
+    from .export.cli import add_export_parser, add_onnx_eval_args
+    add_onnx_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="calibrate and quantize a model (data-free by default)")
@@ -361,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the card goes next to it")
     p.set_defaults(func=cmd_train, batch_size=128)
+
+    add_export_parser(sub)
     return parser
 
 

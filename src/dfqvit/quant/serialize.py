@@ -1,12 +1,27 @@
-"""Save / reload quantized models: ``model.safetensors`` + ``quantization_config.json``."""
+"""Save / reload quantized models: ``model.safetensors`` + ``quantization_config.json``.
+
+Format 2 stores every active quantized weight (a calibrated :class:`WeightQuantizer` below
+16 bits) as its integer codes packed at their bit-width (:mod:`dfqvit.quant.packing`: 2-bit
+four per byte, 3- and 4-bit two per byte, 5- to 8-bit one per byte) under
+``<name>.weight.packed``, next to the per-channel ``weight_quant.scale`` (float32); the zero
+point of a symmetric grid is all zeros and is not stored. Everything else (biases, LayerNorm,
+position embeddings, activation quantizer ranges, float layers) is stored as is.
+
+On reload the weight is rebuilt as ``(code - zero_point) * scale``, which is bit for bit the
+fake-quantized weight the saved model computed with, so the reloaded model's outputs equal
+the saved model's exactly. The float weights before quantization are **not** recoverable
+from a saved quantized model (keep the FP32 checkpoint for that). Format-1 directories
+(float weights) still load.
+"""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from .. import __version__
 from ..errors import UserError
@@ -14,15 +29,106 @@ from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
 from .convert import quantize_model
+from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes, weight_codes
+from .quantizers import Quantizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quantization_config.json"
 
 
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def packed_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The state dict to save: quantized weights replaced by packed codes. Returns
+    (state, packing table ``{weight key: {bits, signed, shape, field_bits, zero_point}}``)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    table: dict[str, dict] = {}
+    for name, mod in model.named_modules():
+        if not packable(mod):
+            continue
+        p = _prefix(name)
+        wq = mod.weight_quant
+        key = p + "weight"
+        codes = weight_codes(wq, mod.weight)
+        # Guarantee: the codes dequantize to exactly the weight the model computes with.
+        if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), wq(mod.weight.float()).float()):
+            continue  # cannot happen with torch's fake-quant arithmetic; keep the float weight then
+        signed = wq.symmetric
+        state[key + PACK_SUFFIX] = pack_codes(codes, wq.bits, signed)
+        del state[key]
+        entry = {"bits": wq.bits, "signed": signed, "shape": list(codes.shape), "field_bits": field_bits(wq.bits),
+                 "zero_point": "stored"}
+        if signed and not bool(wq.zero_point.any()):
+            del state[p + "weight_quant.zero_point"]
+            entry["zero_point"] = "zeros"
+        table[key] = entry
+    return state, table
+
+
+def unpack_state_dict(state: dict[str, torch.Tensor], table: dict[str, dict],
+                      template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`packed_state_dict`: float weights rebuilt from codes and scales."""
+    state = dict(state)
+    for key, entry in table.items():
+        p = key[: -len("weight")]
+        packed = state.pop(key + PACK_SUFFIX, None)
+        scale = state.get(p + "weight_quant.scale")
+        if packed is None or scale is None:
+            raise UserError(f"packed weight {key} is incomplete in the saved model (file damaged?)")
+        if entry.get("zero_point") == "zeros":
+            state[p + "weight_quant.zero_point"] = torch.zeros_like(template.get(p + "weight_quant.zero_point", scale))
+        try:
+            codes = unpack_codes(packed, int(entry["bits"]), bool(entry["signed"]), entry["shape"])
+        except ValueError as e:
+            raise UserError(f"cannot unpack {key}: {e}") from None
+        weight = dequantize_codes(codes, scale, state[p + "weight_quant.zero_point"])
+        dtype = template[key].dtype if key in template else torch.float32
+        state[key] = weight.to(dtype)
+    return state
+
+
+def _acm_types() -> tuple[type, ...]:
+    try:
+        from ..acm import ActivationCorrection, Corrected
+    except ImportError:  # pragma: no cover
+        return ()
+    return ActivationCorrection, Corrected
+
+
+def fp32_safetensors_bytes(model: torch.nn.Module) -> int:
+    """Size of the FP32 safetensors file of the float model this quantized model came from:
+    its float tensors, without the quantizers' buffers and without activation corrections
+    (``dfqvit.acm``, which the FP32 model does not have), under the FP32 model's key names."""
+    acm_types = _acm_types()
+    drop, renames = set(), []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Quantizer) or (acm_types and isinstance(mod, acm_types[0])):
+            drop.update(_prefix(name) + k for k in mod.state_dict())
+        elif acm_types and isinstance(mod, acm_types[1]):
+            renames.append((_prefix(name) + "module.", _prefix(name)))
+    state = {}
+    for k, v in model.state_dict().items():
+        if k in drop:
+            continue
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old):]
+        v = v.detach().cpu()
+        state[k] = (v.float() if v.is_floating_point() else v).contiguous()
+    return len(save(state))
+
+
 def save_quantized(model: torch.nn.Module, spec: ModelSpec, config: QuantConfig, out_dir, *,
                    force: bool = False, extra: dict | None = None, extra_files: dict | None = None) -> Path:
-    """Write the quantized model atomically; ``extra`` lands in the JSON (calibration, results)."""
+    """Write the quantized model atomically; ``extra`` lands in the JSON (calibration, results).
+
+    Quantized weights are stored packed (see the module docstring); the JSON records the
+    packing table and ``size`` (this file's bytes vs the FP32 safetensors of the same model).
+    """
+    state, table = packed_state_dict(model)
     meta = {
         "format_version": FORMAT_VERSION,
         "dfqvit_version": __version__,
@@ -30,10 +136,17 @@ def save_quantized(model: torch.nn.Module, spec: ModelSpec, config: QuantConfig,
         "model": {**asdict(spec), "checkpoint": spec.checkpoint and str(Path(spec.checkpoint).resolve())},
         "quantization": config.to_dict(),
         **(extra or {}),
+        "packed_weights": table,
     }
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(out_dir, force=force) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dfqvit": __version__})
+        save_file(state, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "dfqvit": __version__, "dfqvit_format": str(FORMAT_VERSION)})
+        file_bytes = os.path.getsize(tmp / WEIGHTS_FILE)
+        fp32_bytes = fp32_safetensors_bytes(model)
+        meta["size"] = {"model_safetensors_bytes": file_bytes, "fp32_safetensors_bytes": fp32_bytes,
+                        "ratio": round(file_bytes / fp32_bytes, 4)}
+        if spec.checkpoint and str(spec.checkpoint).endswith(".safetensors") and Path(spec.checkpoint).is_file():
+            meta["size"]["fp32_checkpoint_bytes"] = os.path.getsize(spec.checkpoint)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
@@ -67,11 +180,21 @@ def reference_spec(meta: dict) -> ModelSpec | None:
 
 
 def load_quantized(path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a saved quantized model; returns (model, metadata). Outputs equal the saved model's."""
+    """Rebuild a saved quantized model; returns (model, metadata). Outputs equal the saved model's
+    bit for bit; packed weights come back as their dequantized values (``code * scale``)."""
     meta = read_meta(path)
     spec = ModelSpec(**{**meta["model"], "checkpoint": None, "pretrained": False})
     config = QuantConfig.from_dict(meta["quantization"])
     model, _ = quantize_model(build_model(spec), config)
+    acm = meta.get("acm")
+    if isinstance(acm, dict) and acm.get("kind", "off") != "off":
+        # activation corrections (dfqvit.acm) saved with the model: same structure, then load
+        from ..acm import ACMConfig, attach_corrections
+        attach_corrections(model, ACMConfig(**acm))
     weights = Path(path) / WEIGHTS_FILE
-    load_checkpoint_strict(model, load_file(str(weights)) if weights.is_file() else {}, str(weights))
+    state = load_file(str(weights)) if weights.is_file() else {}
+    table = meta.get("packed_weights") or {}
+    if table:
+        state = unpack_state_dict(state, table, model.state_dict())
+    load_checkpoint_strict(model, state, str(weights))
     return model.eval(), meta
