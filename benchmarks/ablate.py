@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from common import ROOT, git_commit, machine_line, markdown_table, mean_std, write_section
 
 from dfqvit.acm import ACMConfig
-from dfqvit.calib.cache import load_calibration_file, save_calibration_file
+from dfqvit.calib.cache import load_calibration_file, save_calibration_file, sidecar_path
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, calibration_images, run_quantization
@@ -52,8 +53,8 @@ TABLES = {
     "acm": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
         methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
-                 Method("dfq + ACM", "dfq", acm="full", mined=True), Method("real", "real"),
-                 Method("real + ACM", "real", acm="full")]),
+                 Method("dfq + ACM", "dfq", acm="diag", mined=True), Method("real", "real"),
+                 Method("real + ACM", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
 }
 
 
@@ -65,20 +66,24 @@ class Cell:
     seconds: list = field(default_factory=list)
 
 
-def cached_images(model, data_config, model_name, method: Method, qconfig, seed, size) -> torch.Tensor:
+def cached_images(model, data_config, model_name, method: Method, qconfig, seed, size,
+                  synth_opts: dict) -> tuple[torch.Tensor, float]:
+    """(images, seconds it took to make them); synthesized sets are cached on disk."""
     tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
-    opts = "-".join(f"{k}={v}" for k, v in method.synth_opts)
+    synth_opts = {**synth_opts, **dict(method.synth_opts)}
+    opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
     path = CACHE / f"{model_name.replace(':', '_')}-{method.calib}{'-' + opts if opts else ''}-{tag}n{size}-s{seed}.safetensors"
     if path.exists():
-        return load_calibration_file(path, data_config)
-    calib = CalibSpec(method.calib, size, seed, options=dict(method.synth_opts) if method.calib in ("psaq", "dfq")
+        return load_calibration_file(path, data_config), json.loads(sidecar_path(path).read_text())["seconds"]
+    calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if method.calib in ("psaq", "dfq")
                       else ({"data": FASHION_MNIST} if method.calib == "real" else {}))
     start = time.perf_counter()
     images = calibration_images(model, data_config, qconfig, calib)
+    seconds = time.perf_counter() - start
     if method.calib in ("psaq", "dfq"):
-        save_calibration_file(path, images, data_config, {"source": method.calib, "seed": seed,
-                                                          "seconds": time.perf_counter() - start})
-    return images
+        save_calibration_file(path, images, data_config, {"source": method.calib, "seed": seed, "seconds": seconds,
+                                                          "options": synth_opts})
+    return images, seconds
 
 
 def main(argv=None) -> int:
@@ -90,14 +95,22 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", help="only these method labels")
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--eval-size", type=int, default=10000, help="test images used (all 10k by default)")
+    parser.add_argument("--mine-at", help="mine dfq images against this one setting (e.g. W4A4) and reuse them "
+                        "for every setting; default: mine against each setting")
+    parser.add_argument("--psaq-iters", type=int, help="psaq iterations per round (default: the source's 500)")
+    parser.add_argument("--dfq-iters", type=int, help="dfq iterations per stage (default: the source's)")
     parser.add_argument("--write", action="store_true", help="update the table's section of docs/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     table = TABLES[args.table]
-    settings = table["settings"]
-    if args.settings:
-        settings = [tuple(int(x) for x in s.upper().lstrip("W").split("A")) for s in args.settings]
+    def parse_setting(text):
+        return tuple(int(x) for x in text.upper().lstrip("W").split("A"))
+
+    settings = [parse_setting(s) for s in args.settings] if args.settings else table["settings"]
+    mine_at = parse_setting(args.mine_at) if args.mine_at else None
+    synth_opts = {"psaq": {"iterations": args.psaq_iters} if args.psaq_iters else {},
+                  "dfq": {"iterations": args.dfq_iters} if args.dfq_iters else {}}
     methods = [m for m in table["methods"] if not args.methods or m.label in args.methods]
     sections = []
     for model_name in args.models:
@@ -107,13 +120,17 @@ def main(argv=None) -> int:
         evalset.images, evalset.targets = evalset.images[:args.eval_size], evalset.targets[:args.eval_size]
         fp = evalset.set_reference(model, progress=False)
         cells: dict = {}
+        synth_seconds: dict = {}
         for w, a in settings:
             for m in methods:
                 cell = cells.setdefault((w, a, m.label), Cell())
                 for seed in args.seeds:
                     qconfig = QuantConfig(w_bits=w, a_bits=a, preset=m.preset)
+                    mine_config = QuantConfig(w_bits=mine_at[0], a_bits=mine_at[1], preset=m.preset) if mine_at else qconfig
                     start = time.perf_counter()
-                    images = cached_images(model, data_config, model_name, m, qconfig, seed, args.calib_size)
+                    images, made_in = cached_images(model, data_config, model_name, m, mine_config, seed,
+                                                    args.calib_size, synth_opts.get(m.calib, {}))
+                    synth_seconds.setdefault(m.calib, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
                     _, row, _ = run_quantization(model, data_config, qconfig,
                                                  CalibSpec(m.calib, len(images), seed, images=images),
                                                  evalset, acm=ACMConfig(kind=m.acm), progress=False)
@@ -129,15 +146,19 @@ def main(argv=None) -> int:
             rows.append([f"W{w}A{a}"] + [
                 f"{mean_std(c.top1)} / {mean_std(c.agreement)} / {mean_std(c.kl, 4)}"
                 for c in (cells[(w, a, m.label)] for m in methods)])
+        times = ", ".join(f"{src} {mean_std(list(v.values()), 1)} s" for src, v in synth_seconds.items()
+                          if src in ("psaq", "dfq"))
         sections.append(f"**{model_name}** (FP32 top-1 {fp.top1:.2f}%) — each cell: top-1 % / agreement "
-                        f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}\n\n"
-                        + markdown_table(header, rows))
+                        f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}"
+                        + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")
+                        + "\n\n" + markdown_table(header, rows))
     command = "python benchmarks/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()}; "
             f"{args.calib_size} calibration images, {args.eval_size} test images)\n\n" + "\n\n".join(sections))
     print("\n" + body)
     if args.write:
-        write_section(f"ablate-{args.table}", body)
+        models = "+".join(m.removeprefix("zoo:") for m in args.models)
+        write_section(f"ablate-{args.table}-{models}", body)
     return 0
 
 

@@ -196,8 +196,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def add_acm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("activation correction matrix (ACM)")
-    g.add_argument("--acm", default="full", choices=["full", "diag", "off"],
-                   help="closed-form correction of intermediate activations (default: full)")
+    g.add_argument("--acm", default="diag", choices=["full", "diag", "off"],
+                   help="closed-form correction of intermediate activations: per-channel (diag, the "
+                        "default: it measures better on synthetic calibration sets), full matrix, or off")
     g.add_argument("--acm-where", default="block", choices=["block", "branch"],
                    help="block outputs, or attention/MLP branch outputs")
     g.add_argument("--acm-target", default="fp", choices=["fp", "fp_module"],
