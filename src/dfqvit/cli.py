@@ -125,20 +125,25 @@ def cmd_eval(args) -> int:
         model, reference, name = build_model(spec).to(args.device), None, args.model
         data_config = resolve_data_config(model, spec.data_config)
     result = evaluate(model, eval_loader(args, data_config), device=args.device, reference=reference, desc=name)
+    return report_eval(args, name, result, count_params(model), data_config)
+
+
+def report_eval(args, name: str, result, param_count: int, data_config: dict, runtime: str | None = None) -> int:
+    """Print an evaluation and write it with timm's result keys (+ images/s, agreement, KL)."""
     row = {
-        "model": name, "top1": round(result.top1, 3), "top1_err": round(100 - result.top1, 3),
+        "model": name, **({"runtime": runtime} if runtime else {}),
+        "top1": round(result.top1, 3), "top1_err": round(100 - result.top1, 3),
         "top5": round(result.top5, 3), "top5_err": round(100 - result.top5, 3),
-        "param_count": round(count_params(model) / 1e6, 3), "img_size": data_config["input_size"][-1],
-        "crop_pct": data_config["crop_pct"], "interpolation": data_config["interpolation"],
+        "param_count": round(param_count / 1e6, 3), "img_size": data_config["input_size"][-1],
+        "crop_pct": data_config.get("crop_pct"), "interpolation": data_config.get("interpolation"),
         "images_per_s": round(result.images_per_s, 1),
     }
     fidelity = ""
     if result.agreement is not None:
         row.update(agreement=round(result.agreement, 3), kl=round(result.kl, 6))
         fidelity = f"  agreement {result.agreement:.2f}%  KL {result.kl:.4f}"
-    print(f"{name}: top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
-          f"{result.images_per_s:.0f} img/s  params {count_params(model) / 1e6:.2f}M{fidelity}  "
-          f"({result.images} images)")
+    print(f"{name}{f' ({runtime})' if runtime else ''}: top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
+          f"{result.images_per_s:.0f} img/s  params {param_count / 1e6:.2f}M{fidelity}  ({result.images} images)")
     write_results(args.results_file, args.results_format, [row])
     return 0
 

@@ -108,7 +108,7 @@ def test_eval_onnx(tmp_path, saved_dir, tiny_fmnist_dir, capsys):
     row = json.loads(res.read_text())
     assert row["runtime"] == "onnxruntime-cpu" and 0 <= row["top1"] <= 100
     assert "agreement" in row  # the FP32 reference was found through the ONNX metadata
-    assert "(ONNX Runtime)" in capsys.readouterr().out
+    assert "(onnxruntime-cpu)" in capsys.readouterr().out
     with pytest.raises(UserError, match="does not exist"):
         run(["eval", "--onnx", tmp_path / "missing.onnx", "--data-dir", tiny_fmnist_dir])
 
@@ -128,7 +128,7 @@ def test_cli_subprocess(tmp_path, saved_dir, tiny_fmnist_dir, run_cli, assert_on
     assert r.returncode == 0, r.stderr
     r = run_cli("eval", "--onnx", out, "--data-dir", tiny_fmnist_dir, "-b", "100")
     assert r.returncode == 0, r.stderr
-    assert "ONNX Runtime" in r.stdout
+    assert "(onnxruntime-cpu)" in r.stdout
     r = run_cli("export", qdir, "--format", "tflite", "--out", tmp_path / "x")
     assert r.returncode == 2
     assert_one_line_error(r.stderr)

@@ -102,14 +102,6 @@ def test_gradient_per_channel():
     assert w.grad.tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
 
 
-def test_round_ste():
-    x = torch.tensor([0.2, 1.7, -2.6]).requires_grad_()
-    y = P.round_ste(x)
-    assert y.tolist() == [0.0, 2.0, -3.0]
-    y.sum().backward()
-    assert x.grad.tolist() == [1.0, 1.0, 1.0]
-
-
 def test_log2_fake_quant_values():
     delta = torch.tensor(1.0)
     x = torch.tensor([1.0, 0.5, 1 / math.sqrt(2), 0.25, 0.09, 0.01, 1e-6, 0.0, 1.5])

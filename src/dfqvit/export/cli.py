@@ -144,7 +144,7 @@ def _onnx_reference(args, meta: dict):
 
 def cmd_eval_onnx(args) -> int:
     """``dfqvit eval --onnx FILE``: top-1/top-5, images/s, and agreement/KL against the FP32 model."""
-    from ..cli import eval_loader, write_results
+    from ..cli import eval_loader, report_eval
     from ..evaluate import evaluate
     from .onnx_export import read_onnx_metadata
 
@@ -160,20 +160,4 @@ def cmd_eval_onnx(args) -> int:
         print("note: FP32 reference not found; pass --model/--checkpoint to get agreement and KL", file=sys.stderr)
     name = str(args.onnx)
     result = evaluate(model, eval_loader(args, data_config), device="cpu", reference=reference, desc=name)
-    params = model.param_count()
-    row = {
-        "model": name, "runtime": "onnxruntime-cpu", "top1": round(result.top1, 3), "top1_err": round(100 - result.top1, 3),
-        "top5": round(result.top5, 3), "top5_err": round(100 - result.top5, 3),
-        "param_count": round(params / 1e6, 3), "img_size": data_config["input_size"][-1],
-        "crop_pct": data_config.get("crop_pct"), "interpolation": data_config.get("interpolation"),
-        "images_per_s": round(result.images_per_s, 1),
-    }
-    fidelity = ""
-    if result.agreement is not None:
-        row.update(agreement=round(result.agreement, 3), kl=round(result.kl, 6))
-        fidelity = f"  agreement {result.agreement:.2f}%  KL {result.kl:.4f}"
-    print(f"{name} (ONNX Runtime): top1 {result.top1:.2f}  top5 {result.top5:.2f}  "
-          f"{result.images_per_s:.0f} img/s  initializer values {params / 1e6:.2f}M{fidelity}  "
-          f"({result.images} images)")
-    write_results(args.results_file, args.results_format, [row])
-    return 0
+    return report_eval(args, name, result, model.param_count(), data_config, runtime="onnxruntime-cpu")

@@ -111,17 +111,22 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-@register(Attention)
-class QAttention(QuantModuleMixin, Attention):
-    """timm ``Attention`` (ViT / DeiT, any number of prefix tokens) with explicit, quantized matmuls."""
+class QuantAttentionMixin(QuantModuleMixin):
+    """Built from a float attention module: same parameters and submodules, plus the two
+    quantized matmuls (``matmul_qk``, ``matmul_av``) that the subclass's forward uses."""
 
     kind = "attention"
 
     @classmethod
-    def from_float(cls, mod: Attention, bits: LayerBits, scheme: QuantScheme) -> "QAttention":
+    def from_float(cls, mod: nn.Module, bits: LayerBits, scheme: QuantScheme):
         q = _adopt(cls.__new__(cls), mod)
         q.matmul_qk, q.matmul_av = _attention_matmuls(bits, scheme)
         return q
+
+
+@register(Attention)
+class QAttention(QuantAttentionMixin, Attention):
+    """timm ``Attention`` (ViT / DeiT, any number of prefix tokens) with explicit, quantized matmuls."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
@@ -143,16 +148,8 @@ class QAttention(QuantModuleMixin, Attention):
 
 
 @register(WindowAttention)
-class QWindowAttention(QuantModuleMixin, WindowAttention):
+class QWindowAttention(QuantAttentionMixin, WindowAttention):
     """Swin ``WindowAttention`` (relative position bias, shifted-window mask), quantized matmuls."""
-
-    kind = "attention"
-
-    @classmethod
-    def from_float(cls, mod: WindowAttention, bits: LayerBits, scheme: QuantScheme) -> "QWindowAttention":
-        q = _adopt(cls.__new__(cls), mod)
-        q.matmul_qk, q.matmul_av = _attention_matmuls(bits, scheme)
-        return q
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape

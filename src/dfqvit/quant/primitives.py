@@ -25,11 +25,6 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() whose gradient is the identity (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                axis: int | None = None) -> torch.Tensor:
     """Quantize-dequantize (per tensor, or per channel along ``axis``) with straight-through

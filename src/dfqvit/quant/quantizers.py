@@ -93,8 +93,9 @@ class ActQuantizer(Quantizer):
         if self.observing and not P.is_float(self.bits):
             self.observe(x)
             return x
-        if not self.active:
-            return x
+        return self.fake_quant(x) if self.active else x
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = P.qrange(self.bits, self.symmetric)
         return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax)
 
@@ -119,12 +120,7 @@ class Log2Quantizer(ActQuantizer):
         self.calibrated.fill_(True)
         self.reset_stats()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing and not P.is_float(self.bits):
-            self.observe(x)
-            return x
-        if not self.active:
-            return x
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return P.log2_fake_quant(x, self.scale, self.bits)
 
     def extra_repr(self) -> str:
