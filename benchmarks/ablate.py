@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-from common import ROOT, git_commit, machine_line, markdown_table, mean_std, write_section
+from common import ROOT, markdown_table, mean_std, publish
 
 from dfqvit.acm import ACMConfig
 from dfqvit.calib.cache import load_calibration_file, save_calibration_file, sidecar_path
@@ -152,13 +151,9 @@ def main(argv=None) -> int:
                         f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}"
                         + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")
                         + "\n\n" + markdown_table(header, rows))
-    command = "python benchmarks/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()}; "
-            f"{args.calib_size} calibration images, {args.eval_size} test images)\n\n" + "\n\n".join(sections))
-    print("\n" + body)
-    if args.write:
-        models = "+".join(m.removeprefix("zoo:") for m in args.models)
-        write_section(f"ablate-{args.table}-{models}", body)
+    models = "+".join(m.removeprefix("zoo:") for m in args.models)
+    publish(f"ablate-{args.table}-{models}", "ablate.py", argv,
+            f"{args.calib_size} calibration images, {args.eval_size} test images", "\n\n".join(sections), args.write)
     return 0
 
 

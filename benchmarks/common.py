@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,16 @@ def git_commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def publish(section: str, script: str, argv, details: str, body: str, write: bool) -> None:
+    """Print a result block headed by its exact command (commit, machine, ``details``) and,
+    with ``write``, put it into its section of docs/RESULTS.md."""
+    command = f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = f"Command: `{command}` (commit {git_commit()}; {machine_line()}{'; ' + details if details else ''})\n\n{body}"
+    print("\n" + text)
+    if write:
+        write_section(section, text)
 
 
 def write_section(name: str, body: str, path: Path = RESULTS_MD) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from common import git_commit, machine_line, markdown_table, write_section
+from common import markdown_table, publish
 
 from dfqvit.acm import ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
@@ -59,15 +58,11 @@ def main(argv=None) -> int:
                              f"{size['model_safetensors_bytes']:,} / {size['fp32_safetensors_bytes']:,} = {size['ratio']:.3f}×",
                              f"{sum(report.integer_ops.values())} / {sum(report.float_matmul_ops.values())}"])
                 print(rows[-1], flush=True)
-    command = "python benchmarks/export_accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()}; calibration {args.calib}, "
-            f"32 images, seed 0, preset repq, ACM {args.acm}; 10k test images)\n\n"
-            + markdown_table(["model", "setting", "FP32 top-1", "PyTorch sim top-1", "ORT int top-1", "ORT − sim",
-                              "ORT/sim agreement %", "packed file / FP32 safetensors (bytes)",
-                              "ORT integer kernels / float MatMuls"], rows))
-    print("\n" + body)
-    if args.write:
-        write_section("export-accuracy", body)
+    publish("export-accuracy", "export_accuracy.py", argv,
+            f"calibration {args.calib}, 32 images, seed 0, preset repq, ACM {args.acm}; 10k test images",
+            markdown_table(["model", "setting", "FP32 top-1", "PyTorch sim top-1", "ORT int top-1", "ORT − sim",
+                            "ORT/sim agreement %", "packed file / FP32 safetensors (bytes)",
+                            "ORT integer kernels / float MatMuls"], rows), args.write)
     return 0
 
 

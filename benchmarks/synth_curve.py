@@ -9,12 +9,11 @@ reference points. The default iteration count of ``DFQSynthConfig`` is chosen fr
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
 
-from common import git_commit, machine_line, markdown_table, mean_std, write_section
+from common import markdown_table, mean_std, publish
 
 from dfqvit.acm import ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
@@ -54,14 +53,10 @@ def main(argv=None) -> int:
         label = f"dfq, {iters} it/stage" if iters else source
         rows.append([label, f"{statistics.mean(secs):.1f}", mean_std(top1), mean_std(kl, 4)])
         print(rows[-1], flush=True)
-    command = "python benchmarks/synth_curve.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    body = (f"Command: `{command}` (commit {git_commit()}; {machine_line()})\n\n"
+    publish("synth-curve", "synth_curve.py", argv, "",
             f"{args.model} at {args.setting} (preset repq, ACM {args.acm}, {args.calib_size} images; FP32 top-1 "
             f"{fp.top1:.2f}%), seeds {args.seeds}; synthesis seconds include hard-example mining's calibrations.\n\n"
-            + markdown_table(["calibration", "synthesis s", "top-1 %", "KL(FP32‖Q)"], rows))
-    print("\n" + body)
-    if args.write:
-        write_section("synth-curve", body)
+            + markdown_table(["calibration", "synthesis s", "top-1 %", "KL(FP32‖Q)"], rows), args.write)
     return 0
 
 
