@@ -156,8 +156,11 @@ def cmd_train(args) -> int:
     spec = spec_from_args(args)
     if spec.zoo and not args.checkpoint:
         spec.checkpoint = None  # retrain a zoo model from scratch
+    if args.epochs < 1 or args.shift < 0 or not 0 <= args.label_smoothing < 1:
+        raise UserError("--epochs must be >= 1, --shift >= 0 and --label-smoothing in [0, 1)")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, amp=args.amp, seed=args.seed)
+                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                      shift=args.shift, amp=args.amp, seed=args.seed)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors (got {out})")
@@ -368,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--shift", type=int, default=2, help="random translation augmentation, in pixels")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the card goes next to it")
