@@ -19,7 +19,7 @@ from . import __version__
 from .data import FASHION_MNIST, make_dataset, make_loader
 from .errors import UserError
 from .evaluate import evaluate
-from .fileio import atomic_path, write_text_atomic
+from .fileio import atomic_path, refuse_existing, write_text_atomic
 from .models import ModelSpec, build_model, count_params, parse_kwargs, resolve_data_config, resolve_spec
 
 
@@ -255,8 +255,8 @@ def cmd_quantize(args) -> int:
     qconfig = quant_config_from_args(args)
     acm = acm_config_from_args(args)
     calib = calib_spec_from_args(args)
-    if args.out and Path(args.out).exists() and not args.force:
-        raise UserError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    if args.out:
+        refuse_existing(args.out, args.force)
     spec = spec_from_args(args)
     model = build_model(spec).to(args.device)
     data_config = resolve_data_config(model, spec.data_config)
@@ -297,6 +297,7 @@ def cmd_synth(args) -> int:
     import time
     from dataclasses import asdict, is_dataclass
 
+    from .calib import make_source
     from .calib.cache import file_sha256, save_calibration_file
     from .pipeline import calibration_images
 
@@ -304,17 +305,15 @@ def cmd_synth(args) -> int:
     calib = calib_spec_from_args(args)
     if calib.source in ("noise", "real"):
         raise UserError(f"`dfqvit synth` makes data-free images (--calib dfq or psaq), not {calib.source}")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out = refuse_existing(args.out, args.force)
     spec = spec_from_args(args)
     model = build_model(spec).to(args.device)
     data_config = resolve_data_config(model, spec.data_config)
+    source = make_source(calib.source, **calib.options)
     start = time.perf_counter()
-    images = calibration_images(model, data_config, qconfig, calib, device=args.device)
+    images = calibration_images(model, data_config, qconfig, calib, device=args.device, source=source)
     seconds = time.perf_counter() - start
-    from .calib import make_source
-    source_config = getattr(make_source(calib.source, **calib.options), "config", None)
+    source_config = getattr(source, "config", None)
     meta = {
         "source": calib.source, "seed": calib.seed, "model": args.model, "timm_name": spec.name,
         "model_kwargs": spec.kwargs,

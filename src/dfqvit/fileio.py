@@ -17,6 +17,14 @@ def _default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def refuse_existing(path, force: bool) -> Path:
+    """Stop before any work when an output would overwrite something without ``--force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; choose another --out or pass --force to replace it")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
@@ -44,9 +52,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False):
 
     An existing ``path`` is refused unless ``force``; then it is replaced only at the end.
     """
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists; choose another --out or pass --force to replace it")
+    path = refuse_existing(path, force)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)

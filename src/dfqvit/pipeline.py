@@ -57,14 +57,16 @@ class CalibSpec:
 
 
 def calibration_images(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
-                       device: str = "cpu") -> torch.Tensor:
+                       device: str = "cpu", source=None) -> torch.Tensor:
+    """``calib``'s images; ``source`` (made from ``calib`` if not given) does the work."""
     if calib.images is not None:
         return calib.images
     torch.manual_seed(calib.seed)
     ctx = CalibrationContext(
         data_config=data_config, seed=calib.seed, device=device,
         quantize=lambda images: quantize(model, qconfig, images, device=device)[0])
-    return make_source(calib.source, **calib.options).generate(model, calib.size, ctx)
+    source = source or make_source(calib.source, **calib.options)
+    return source.generate(model, calib.size, ctx)
 
 
 def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,

@@ -11,7 +11,7 @@ from dfqvit.models import ModelSpec
 from dfqvit.quant import QuantConfig, load_quantized, quantize, save_quantized
 from dfqvit.quant import primitives as P
 from dfqvit.quant.packing import (PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packed_numel,
-                                  unpack_codes, weight_codes)
+                                  unpack_codes)
 from dfqvit.quant.serialize import CONFIG_FILE, WEIGHTS_FILE, read_meta
 
 VIT_NAME = "vit_tiny_patch16_224"
@@ -94,7 +94,7 @@ def test_weight_codes_dequantize_exactly(calib_images):
     for m in qmodel.modules():
         wq = getattr(m, "weight_quant", None)
         if wq is not None:
-            codes = weight_codes(wq, m.weight)
+            codes = wq.int_weight(m.weight)
             qmin, qmax = P.qrange(wq.bits, wq.symmetric)
             assert int(codes.min()) >= qmin and int(codes.max()) <= qmax
             assert torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), wq(m.weight))

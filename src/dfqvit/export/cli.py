@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import refuse_existing
 
 FORMATS = ("onnx",)
 
@@ -55,9 +56,7 @@ def cmd_export(args) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"unknown export format {args.format!r}; supported: {', '.join(FORMATS)}")
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise UserError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out = refuse_existing(args.out, args.force)
     model, meta = load_quantized(args.quantized)
     data_config = resolve_data_config(model, meta["model"].get("data_config"))
     report = export_onnx(model, out, data_config, opset=args.opset, log2_softmax=args.log2_softmax,

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, refuse_existing
 from ..quant.packing import pack_codes
 from ..quant.quantizers import Quantizer
 from .ort import make_session, optimized_op_counts, split_counts
@@ -116,9 +116,7 @@ def _check_path(path, force: bool) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name such as model.onnx")
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists; choose another --out or pass --force to replace it")
-    return path
+    return refuse_existing(path, force)
 
 
 def _check_opset(opset: int) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import UserError
 from ..quant import primitives as P
 from ..quant.modules import QUANT_MODULES, QConv2d, QLinear
-from ..quant.packing import dequantize_codes, weight_codes
+from ..quant.packing import dequantize_codes
 from ..quant.quantizers import ActQuantizer, Log2Quantizer, Quantizer, WeightQuantizer
 
 LOG2_MODES = ("emulate", "uint8", "float")
@@ -172,7 +172,7 @@ def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor
     as ``x @ W^T`` (codes [in, out], axis 1)."""
     wq: WeightQuantizer = mod.weight_quant
     weight = mod.weight.detach().float()
-    codes = weight_codes(wq, weight)
+    codes = wq.int_weight(weight)
     expected = wq(weight)
     if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), expected):
         raise UserError("internal: weight codes do not dequantize to the simulated weight; please report")

@@ -92,23 +92,6 @@ def _view(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (weight.ndim - 1))) if t.numel() > 1 else t.reshape(())
 
 
-@torch.no_grad()
-def weight_codes(wq: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
-    """The integer codes (int32) of ``weight`` under ``wq``, such that
-    ``(codes - zero_point) * scale`` equals ``wq(weight)`` bit for bit.
-
-    The codes are read back from the fake-quantized weight (``round(ŵ / s) + z``), not recomputed
-    from ``weight``: ``ŵ = q·s`` exactly, so the division recovers ``q`` whatever rounding the
-    fake-quant kernel used at ties.
-    """
-    qmin, qmax = P.qrange(wq.bits, wq.symmetric)
-    scale = _view(wq.scale.float(), weight)
-    zp = _view(wq.zero_point.round(), weight)
-    w_hat = wq(weight.float())
-    codes = torch.clamp(torch.round(w_hat / scale) + zp, qmin, qmax)
-    return codes.to(torch.int32)
-
-
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """``(codes - zero_point) * scale`` in float32, per output channel (dim 0) or per tensor —
     the arithmetic of torch's fake-quant kernels and of ONNX DequantizeLinear."""

@@ -164,10 +164,19 @@ class WeightQuantizer(Quantizer):
             return P.fake_quant(weight, self.scale, self.zero_point, qmin, qmax, axis=0)
         return P.fake_quant(weight, self.scale, self.zero_point, qmin, qmax)
 
+    @torch.no_grad()
     def int_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The integer codes of ``weight`` (for packing and export)."""
+        """The integer codes (int32) of ``weight``, such that ``(codes - zero_point) * scale``
+        equals ``self(weight)`` bit for bit (for packing and export).
+
+        The codes are read back from the fake-quantized weight (``round(ŵ / s) + z``), not
+        recomputed from ``weight``: ``ŵ = q·s`` exactly, so the division recovers ``q`` whatever
+        rounding the fake-quant kernel used at ties.
+        """
         qmin, qmax = P.qrange(self.bits, self.symmetric)
-        return P.quantize_int(weight, self._view(self.scale, weight), self._view(self.zero_point, weight), qmin, qmax)
+        w = weight.float()
+        return P.quantize_int(self(w), self._view(self.scale.float(), w), self._view(self.zero_point.round(), w),
+                              qmin, qmax)
 
     def extra_repr(self) -> str:
         gran = "per-channel" if self.per_channel else "per-tensor"

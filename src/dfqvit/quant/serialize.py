@@ -29,7 +29,7 @@ from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
 from .convert import quantize_model
-from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes, weight_codes
+from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes
 from .quantizers import Quantizer
 
 FORMAT_VERSION = 2
@@ -52,7 +52,7 @@ def packed_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
         p = _prefix(name)
         wq = mod.weight_quant
         key = p + "weight"
-        codes = weight_codes(wq, mod.weight)
+        codes = wq.int_weight(mod.weight)
         # Guarantee: the codes dequantize to exactly the weight the model computes with.
         if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), wq(mod.weight.float()).float()):
             continue  # cannot happen with torch's fake-quant arithmetic; keep the float weight then
