@@ -186,6 +186,18 @@ def test_error_exit_2_in_process(assert_one_line_error, tmp_path, tiny_checkpoin
     assert expected in err
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--eval-every", "-1"), ("--hflip", "1.5"),
+                                         ("--label-smoothing", "1"), ("--warmup-epochs", "-1")])
+def test_train_bad_settings(assert_one_line_error, tmp_path, tiny_fmnist_dir, capsys, flag, value):
+    rc = main(["train", "--model", VIT, "--model-kwargs", *VIT_KW, "--data-dir", str(tiny_fmnist_dir),
+               flag, value, "--out", str(tmp_path / "model.safetensors")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert f"{flag} must be" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_out_must_be_safetensors(assert_one_line_error, tmp_path, tiny_fmnist_dir, capsys):
     rc = main(["train", "--model", VIT, "--model-kwargs", *VIT_KW, "--data-dir", str(tiny_fmnist_dir),
                "--out", str(tmp_path / "model.pth")])
@@ -201,13 +213,16 @@ def test_train_smoke(run_cli, tmp_path, tiny_fmnist_dir, monkeypatch):
     out = tmp_path / "tiny-fmnist.safetensors"
     proc = run_cli("train", "--model", VIT, "--model-kwargs", *VIT_KW, "--mean", "0.286", "--std", "0.353",
                    "--crop-pct", "1.0", "--data-dir", tiny_fmnist_dir, "--epochs", "2", "--seed", "3",
-                   "--out", out)
+                   "--label-smoothing", "0", "--shift", "1", "--eval-every", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "trained" in proc.stdout and "Traceback" not in proc.stderr
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["timm_name"] == VIT and card["checkpoint"] == out.name
     assert card["model_kwargs"] == _vit_kwargs()
     assert card["training"]["seed"] == 3 and card["training"]["epochs"] == 2
+    assert card["training"]["label_smoothing"] == 0 and card["training"]["shift"] == 1
+    assert [h["epoch"] for h in card["training"]["history"]] == [1, 2]
+    assert card["training"]["history"][-1]["test_top1"] is not None
     assert card["command"].startswith("dfqvit train --model vit_tiny_patch16_224")
     assert card["data_config"]["mean"] == [0.286] and card["data_config"]["crop_pct"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-fmnist.json", "tiny-fmnist.safetensors"]
@@ -232,21 +247,32 @@ def _micro_dir(tmp_path, write_idx, fmnist_test_arrays, n=32):
     return tmp_path
 
 
-def _train_micro(data_dir, epochs=1, warmup_epochs=0.5, seed=0):
+def _train_micro(data_dir, epochs=1, warmup_epochs=0.5, seed=0, eval_every=0):
     from dfqvit.models import ModelSpec
 
     spec = ModelSpec(VIT, kwargs=_vit_kwargs(), data_config={"mean": [0.286], "std": [0.353]})
-    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup_epochs, batch_size=16, seed=seed)
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup_epochs, batch_size=16, seed=seed, eval_every=eval_every)
     return train(spec, cfg, data_dir=data_dir, progress=False)
 
 
 def test_train_is_deterministic(tmp_path, write_idx, fmnist_test_arrays):
     data_dir = _micro_dir(tmp_path, write_idx, fmnist_test_arrays)
-    a, cfg, _ = _train_micro(data_dir)
-    b, _, _ = _train_micro(data_dir)
+    a, cfg, _, history = _train_micro(data_dir)
+    b, _, _, _ = _train_micro(data_dir)
     assert not a.training and cfg["input_size"] == (1, 28, 28)
+    assert [h.epoch for h in history] == [1] and history[0].test_top1 is None and history[0].train_loss > 0
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_train_eval_every_logs_test_top1_without_changing_the_model(tmp_path, write_idx, fmnist_test_arrays):
+    data_dir = _micro_dir(tmp_path, write_idx, fmnist_test_arrays)
+    watched, _, _, history = _train_micro(data_dir, epochs=3, eval_every=2)
+    plain, _, _, _ = _train_micro(data_dir, epochs=3)
+    # checks on epoch 2 and on the last epoch; the weights are those of an unwatched run
+    assert [h.test_top1 is not None for h in history] == [False, True, True]
+    assert all(0 <= h.test_top1 <= 100 for h in history if h.test_top1 is not None)
+    assert all(torch.equal(a, b) for a, b in zip(watched.state_dict().values(), plain.state_dict().values()))
 
 
 def test_train_one_epoch_all_warmup(tmp_path, write_idx, fmnist_test_arrays):

@@ -156,19 +156,25 @@ def cmd_train(args) -> int:
     spec = spec_from_args(args)
     if spec.zoo and not args.checkpoint:
         spec.checkpoint = None  # retrain a zoo model from scratch
-    if args.epochs < 1 or args.shift < 0 or not 0 <= args.label_smoothing < 1:
-        raise UserError("--epochs must be >= 1, --shift >= 0 and --label-smoothing in [0, 1)")
+    for flag, ok, rule in (("--epochs", args.epochs >= 1, ">= 1"), ("--shift", args.shift >= 0, ">= 0"),
+                           ("--eval-every", args.eval_every >= 0, ">= 0"),
+                           ("--warmup-epochs", args.warmup_epochs >= 0, ">= 0"),
+                           ("--label-smoothing", 0 <= args.label_smoothing < 1, "in [0, 1)"),
+                           ("--hflip", 0 <= args.hflip <= 1, "in [0, 1]")):
+        if not ok:
+            raise UserError(f"{flag} must be {rule} (got {getattr(args, flag[2:].replace('-', '_'))})")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                      shift=args.shift, amp=args.amp, seed=args.seed)
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, shift=args.shift, hflip=args.hflip,
+                      amp=args.amp, seed=args.seed, eval_every=args.eval_every)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors (got {out})")
-    model, data_config, seconds = train(spec, cfg, device=args.device, data_dir=args.data_dir)
+    model, data_config, seconds, history = train(spec, cfg, device=args.device, data_dir=args.data_dir)
     args.data = FASHION_MNIST
     result = evaluate(model, eval_loader(args, data_config), desc="test")
     command = "dfqvit " + shlex.join(sys.argv[1:])
-    card = zoo_card(spec, data_config, cfg, model, result, seconds, args.device, command, out.name)
+    card = zoo_card(spec, data_config, cfg, model, result, seconds, args.device, command, out.name, history)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     write_text_atomic(out.with_suffix(".json"), dump_json(card))
@@ -370,8 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--shift", type=int, default=2, help="random translation augmentation, in pixels")
+    p.add_argument("--hflip", type=float, default=0.5, help="probability of a horizontal flip")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="print the test top-1 every N epochs (monitoring only; the last epoch is kept)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the card goes next to it")

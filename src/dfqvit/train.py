@@ -31,6 +31,14 @@ class TrainConfig:
     hflip: float = 0.5
     amp: bool = False          # bf16 autocast (fast on CPUs with AMX, and on GPUs)
     seed: int = 0
+    eval_every: int = 0        # epochs between test-split checks (0: none); monitoring only, never selection
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float          # mean over the epoch's batches
+    test_top1: float | None    # None on epochs without a check
 
 
 def split_tensors(split: str, data_config: dict, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +71,25 @@ def augment(x: torch.Tensor, shift: int, hflip: float, generator: torch.Generato
     return x
 
 
+@torch.no_grad()
+def _top1(model, x: torch.Tensor, y: torch.Tensor, device: str, batch_size: int = 500) -> float:
+    model.eval()
+    correct = sum((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(y), batch_size))
+    model.train()
+    return 100.0 * correct / len(y)
+
+
 def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None, progress=True):
-    """Train ``spec``'s model from scratch; returns (model, data_config, seconds)."""
+    """Train ``spec``'s model from scratch; returns (model, data_config, seconds, history).
+
+    ``history`` holds one :class:`EpochLog` per epoch. The final model is the last epoch's:
+    the test checks (``cfg.eval_every``) are for watching a long CPU run, not for picking one."""
     torch.manual_seed(cfg.seed)
     model = build_model(spec).to(device)
     data_config = resolve_data_config(model, spec.data_config)
     x, y = split_tensors("train", data_config, data_dir)
+    test = split_tensors("test", data_config, data_dir) if cfg.eval_every else None
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
@@ -82,11 +103,13 @@ def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None,
         opt, lambda s: (s + 1) / warmup if s < warmup
         else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
     model.train()
+    history: list[EpochLog] = []
     start = time.perf_counter()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(y), generator=generator)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        loss_sum = torch.zeros(())
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             images = augment(x[idx], cfg.shift, cfg.hflip, generator).to(device)
@@ -96,14 +119,22 @@ def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None,
             loss.backward()
             opt.step()
             sched.step()
+            loss_sum += loss.detach().float().cpu()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        checked = test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+        log = EpochLog(epoch + 1, round(loss_sum.item() / steps_per_epoch, 4),
+                       round(_top1(model, *test, device), 2) if checked else None)
+        history.append(log)
+        if progress and checked:
+            tqdm.write(f"epoch {log.epoch}: train loss {log.train_loss:.4f}  test top1 {log.test_top1:.2f}  "
+                       f"({time.perf_counter() - start:.0f}s)")
     seconds = time.perf_counter() - start
-    return model.eval().cpu(), data_config, seconds
+    return model.eval().cpu(), data_config, seconds, history
 
 
 def zoo_card(spec: ModelSpec, data_config: dict, cfg: TrainConfig, model, result, seconds: float,
-             device: str, command: str, checkpoint_name: str) -> dict:
+             device: str, command: str, checkpoint_name: str, history: list[EpochLog] = ()) -> dict:
     """The JSON card that ships next to a zoo checkpoint."""
     return {
         "timm_name": spec.name,
@@ -116,7 +147,8 @@ def zoo_card(spec: ModelSpec, data_config: dict, cfg: TrainConfig, model, result
         "top5": round(result.top5, 2),
         "eval_split": f"test ({result.images} images)",
         "training": {**asdict(cfg), "device": device, "seconds": round(seconds, 1),
-                     "torch": torch.__version__, "threads": torch.get_num_threads()},
+                     "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "history": [asdict(h) for h in history]},
         "command": command,
     }
 
