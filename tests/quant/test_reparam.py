@@ -1,6 +1,7 @@
 """RepQ-style LayerNorm reparameterization: the float function is unchanged, the post-LN
-per-channel ranges are equalised (so a per-tensor quantizer suffices), the classifier pair
-is included, and it pays off once a post-LN channel is an outlier."""
+per-channel ranges are equalised (``repq-vit``) or their spread square-rooted (``repq``,
+strength 0.5), the classifier pair is included, and it pays off once a post-LN channel is an
+outlier."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,7 @@ from dfqvit.quant.reparam import layernorm_consumers
 calibrate_module = importlib.import_module("dfqvit.quant.calibrate")  # the function shadows the module name
 
 MODELS = ["deit", "deit_distilled", "swin"]
+PRESETS = ["repq", "repq-vit"]
 OUTLIER = 20.0   # LayerNorm weight of channel 3 scaled by this: one post-LN channel ~20x wider
 
 
@@ -27,14 +29,15 @@ def outlier_models(tiny_model):
 
 @pytest.fixture(scope="module")
 def reparameterized(outlier_models, tiny_images):
-    """(float model, calibrated W8A8 repq model, what calibrate reported) per model."""
+    """(float model, calibrated W8A8 model, what calibrate reported) per (model, preset)."""
     calib = tiny_images(4, seed=1)
     out = {}
     for key, model in outlier_models.items():
-        config = QuantConfig(w_bits=8, a_bits=8, preset="repq")
-        qmodel, _ = quantize_model(copy.deepcopy(model), config)
-        done = calibrate(qmodel, config, calib, progress=False)
-        out[key] = (model, qmodel, done)
+        for preset in PRESETS:
+            config = QuantConfig(w_bits=8, a_bits=8, preset=preset)
+            qmodel, _ = quantize_model(copy.deepcopy(model), config)
+            done = calibrate(qmodel, config, calib, progress=False)
+            out[key, preset] = (model, qmodel, done)
     return out
 
 
@@ -64,9 +67,10 @@ def test_consumer_pairs_deit(outlier_models):
     assert pairs["blocks.0.norm1"] == [id(qmodel.blocks[0].attn.qkv)]
 
 
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("key", MODELS)
-def test_float_function_unchanged(key, reparameterized, tiny_images):
-    model, qmodel, done = reparameterized[key]
+def test_float_function_unchanged(key, preset, reparameterized, tiny_images):
+    model, qmodel, done = reparameterized[key, preset]
     assert done["reparameterized"]
     x = tiny_images(8, seed=2)
     with torch.no_grad(), quantization_disabled(qmodel):
@@ -81,9 +85,10 @@ def test_float_function_unchanged(key, reparameterized, tiny_images):
     assert sorted(changed) == sorted(done["reparameterized"])
 
 
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("key", MODELS)
-def test_post_ln_ranges_equalised(key, reparameterized, tiny_images):
-    model, qmodel, done = reparameterized[key]
+def test_post_ln_ranges_equalised(key, preset, reparameterized, tiny_images):
+    model, qmodel, done = reparameterized[key, preset]
     x = tiny_images(4, seed=1)   # the calibration images: ranges are set from them
     before = _ln_ranges(model, x)
     with quantization_disabled(qmodel):
@@ -92,14 +97,17 @@ def test_post_ln_ranges_equalised(key, reparameterized, tiny_images):
         spread_before = (before[name].max() / before[name].min()).item()
         spread_after = (after[name].max() / after[name].min()).item()
         assert spread_before > OUTLIER / 2, name           # measured 19.9 .. 250
-        # measured 1.01 .. 1.27 (a channel whose range excludes 0 keeps some spread)
-        assert spread_after < 1.5, (name, spread_after)
+        if preset == "repq-vit":
+            # measured 1.01 .. 1.27 (a channel whose range excludes 0 keeps some spread)
+            assert spread_after < 1.5, (name, spread_after)
+        else:  # strength 0.5: each channel's range divided by the square root of its relative scale
+            assert spread_after == pytest.approx(spread_before ** 0.5, rel=0.1), (name, spread_before, spread_after)
 
 
 @pytest.mark.parametrize("key,heads", [("deit", ["head"]), ("deit_distilled", ["head", "head_dist"]),
                                        ("swin", ["head.fc"])])
 def test_classifier_pair_included(key, heads, reparameterized):
-    model, qmodel, done = reparameterized[key]
+    model, qmodel, done = reparameterized[key, "repq"]
     assert "norm" in done["reparameterized"]
     mods, qmods = dict(model.named_modules()), dict(qmodel.named_modules())
     for h in heads:
@@ -120,17 +128,23 @@ def test_no_reparam_for_float_consumers(outlier_models, tiny_images):
     assert calibrate(qmodel, psaq, tiny_images(2, seed=1), progress=False)["reparameterized"] == []
 
 
-@pytest.mark.parametrize("key", MODELS)
-def test_reparam_pays_off_on_outlier_channels(key, outlier_models, tiny_images, monkeypatch):
+SWIN_HALF_STRENGTH = pytest.mark.xfail(strict=True, reason=(
+    "measured -3.1 dB: on this random-init Swin with one 20x LayerNorm channel, half strength loses "
+    "to no reparameterization at W8A4 (on the trained zoo models it wins; see docs/DESIGN.md)"))
+
+
+@pytest.mark.parametrize("key, preset", [(k, p) for p in PRESETS for k in MODELS if (k, p) != ("swin", "repq")]
+                         + [pytest.param("swin", "repq", marks=SWIN_HALF_STRENGTH)])
+def test_reparam_pays_off_on_outlier_channels(key, preset, outlier_models, tiny_images, monkeypatch):
     """Only the LN consumers quantized (qkv, fc1) at W8A4: with the outlier channel, folding the
     per-channel ranges into the LayerNorm beats a plain per-tensor quantizer by a wide margin
-    (measured +13.7 deit, +13.3 deit_distilled, +9.4 swin dB)."""
+    (repq-vit: measured +13.7 deit, +13.3 deit_distilled, +9.4 swin dB)."""
     model = outlier_models[key]
     calib, x = tiny_images(8, seed=1), tiny_images(8, seed=2)
-    config = QuantConfig(w_bits=8, a_bits=4, include=("*.qkv", "*.fc1"))
+    config = QuantConfig(w_bits=8, a_bits=4, preset=preset, include=("*.qkv", "*.fc1"))
     with torch.no_grad():
         ref = model(x)
         with_reparam = sqnr_db(ref, quantize(model, config, calib)[0](x))
-        monkeypatch.setattr(calibrate_module, "reparameterize", lambda model, batches: [])
+        monkeypatch.setattr(calibrate_module, "reparameterize", lambda model, batches, *args: [])
         without = sqnr_db(ref, quantize(model, config, calib)[0](x))
     assert with_reparam > without + 5.0, (with_reparam, without)

@@ -70,7 +70,8 @@ def calibrate(model: nn.Module, config: QuantConfig, images: torch.Tensor, batch
     done: dict = {"reparameterized": []}
     if config.scheme.reparam:
         with quantization_disabled(model):
-            done["reparameterized"] = reparameterize(model, _batches(images, batch_size, "reparam", progress))
+            done["reparameterized"] = reparameterize(model, _batches(images, batch_size, "reparam", progress),
+                                                     config.scheme.reparam_strength, config.scheme.reparam_shift)
     calibrate_weights(model)
     acts = [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
     for q in acts:

@@ -20,12 +20,18 @@ class QuantScheme:
     a_method: str          # range search for activations: minmax | percentile | mse
     log2_softmax: bool     # log-√2 quantizer on post-softmax attention (else it stays float)
     reparam: bool          # RepQ-ViT LayerNorm scale reparameterization
+    reparam_strength: float = 1.0   # exponent α of the channel scaling (1: RepQ-ViT)
+    reparam_shift: bool = True      # RepQ-ViT's zero-point alignment of the channels
 
 
 PRESETS = {
     # RepQ-ViT class: MSE-searched per-channel weights, MSE-searched per-tensor activations,
-    # post-LayerNorm channels reparameterized, log-√2 post-softmax quantizer.
-    "repq": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True),
+    # log-√2 post-softmax quantizer; post-LayerNorm channels reparameterized at half strength
+    # without the zero-point shift (ours: far less sensitive to synthetic calibration images).
+    "repq": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True,
+                        reparam_strength=0.5, reparam_shift=False),
+    # RepQ-ViT as published: every post-LayerNorm pair reparameterized at full strength.
+    "repq-vit": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True),
     # PSAQ-ViT's (FQ-ViT-derived) naive quantizer: per-channel min-max weights, per-tensor
     # min-max activations, softmax output left in float.
     "psaq": QuantScheme(w_method="minmax", w_symmetric=True, a_method="minmax", log2_softmax=False, reparam=False),

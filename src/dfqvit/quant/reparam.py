@@ -1,4 +1,4 @@
-"""RepQ-ViT scale reparameterization of post-LayerNorm activations.
+"""RepQ-ViT scale reparameterization of post-LayerNorm activations, and our partial form.
 
 Post-LayerNorm activations of ViTs have a few channels with far wider ranges than the rest,
 which a per-tensor quantizer handles badly. With the per-channel range of the LN output
@@ -10,6 +10,13 @@ next Linear, ``x' = (x + s·r2) / r1``:
 
 so every channel of ``x'`` spans the same range and a per-tensor quantizer suffices, while the
 float model computes exactly the same function.
+
+The price is paid by the weights: the columns of wide channels grow by ``r1``, and the
+zero-point shift leaks the weight rounding error through ``b'``. Both come from the calibration
+images' per-channel extremes, which synthetic images get wrong. Ours (preset ``repq``): a
+partial strength ``r1 = (s / mean(s))^α`` with ``α = 0.5`` — SmoothQuant's balance between
+activation and weight difficulty — and no zero-point shift. ``α = 1`` with the shift
+(preset ``repq-vit``) is RepQ-ViT as published. docs/DESIGN.md gives the measurements.
 """
 from __future__ import annotations
 
@@ -71,8 +78,9 @@ def channel_ranges(model: nn.Module, norms: list[nn.LayerNorm], batches) -> list
 
 
 @torch.no_grad()
-def reparameterize(model: nn.Module, batches) -> list[str]:
-    """Apply the reparameterization to every LayerNorm → Linear pair; returns the LN names."""
+def reparameterize(model: nn.Module, batches, strength: float = 1.0, shift: bool = True) -> list[str]:
+    """Reparameterize every LayerNorm → Linear pair (``strength`` α, with or without RepQ-ViT's
+    zero-point shift); returns the LN names."""
     pairs = [p for p in layernorm_consumers(model) if p[1].elementwise_affine]
     ranges = channel_ranges(model, [p[1] for p in pairs], batches)
     done = []
@@ -84,13 +92,12 @@ def reparameterize(model: nn.Module, batches) -> list[str]:
             continue
         s, z = P.scale_zero_point(lo, hi, quantizer.bits, symmetric=False)
         s = s.clamp_min(1e-5 * float(s.max()))
-        r1 = s / s.mean()
-        r2 = z - torch.round(z.mean())
-        shift = s * r2
-        norm.bias.copy_((norm.bias + shift) / r1)
+        r1 = (s / s.mean()) ** strength
+        offset = s * (z - torch.round(z.mean())) if shift else torch.zeros_like(s)
+        norm.bias.copy_((norm.bias + offset) / r1)
         norm.weight.copy_(norm.weight / r1)
         for lin in consumers:
-            lin.bias.sub_(lin.weight.double().matmul(shift.double()).to(lin.bias.dtype))
+            lin.bias.sub_(lin.weight.double().matmul(offset.double()).to(lin.bias.dtype))
             lin.weight.mul_(r1[None, :])
         done.append(name)
     return done
