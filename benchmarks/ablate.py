@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from common import ROOT, markdown_table, mean_std, publish
 
 from dfqvit.acm import ACMConfig
-from dfqvit.calib.cache import load_calibration_file, save_calibration_file, sidecar_path
+from dfqvit.calib.cache import file_sha256, load_calibration_file, save_calibration_file, sidecar_path
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, calibration_images, run_quantization
@@ -44,7 +45,7 @@ class Method:
 TABLES = {
     "ptq": dict(
         settings=[(8, 8), (6, 6), (4, 8), (4, 4), (3, 8), (3, 4)],
-        methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "psaq") for c in ("noise", "real")]),
+        methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "repq-vit", "psaq") for c in ("noise", "real")]),
     "calib": dict(
         settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
         methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
@@ -65,13 +66,14 @@ class Cell:
     seconds: list = field(default_factory=list)
 
 
-def cached_images(model, data_config, model_name, method: Method, qconfig, seed, size,
+def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, size,
                   synth_opts: dict) -> tuple[torch.Tensor, float]:
-    """(images, seconds it took to make them); synthesized sets are cached on disk."""
+    """(images, seconds it took to make them); synthesized sets are cached on disk, keyed by
+    ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images)."""
     tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
     opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
-    path = CACHE / f"{model_name.replace(':', '_')}-{method.calib}{'-' + opts if opts else ''}-{tag}n{size}-s{seed}.safetensors"
+    path = CACHE / f"{model_tag}-{method.calib}{'-' + opts if opts else ''}-{tag}n{size}-s{seed}.safetensors"
     if path.exists():
         return load_calibration_file(path, data_config), json.loads(sidecar_path(path).read_text())["seconds"]
     calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if method.calib in ("psaq", "dfq")
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", help="override bit settings, e.g. W4A8 W3A4")
     parser.add_argument("--methods", nargs="+", help="only these method labels")
+    parser.add_argument("--preset", help="quantizer preset for every method (default: each method's own)")
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--eval-size", type=int, default=10000, help="test images used (all 10k by default)")
     parser.add_argument("--mine-at", help="mine dfq images against this one setting (e.g. W4A4) and reuse them "
@@ -111,9 +114,12 @@ def main(argv=None) -> int:
     synth_opts = {"psaq": {"iterations": args.psaq_iters} if args.psaq_iters else {},
                   "dfq": {"iterations": args.dfq_iters} if args.dfq_iters else {}}
     methods = [m for m in table["methods"] if not args.methods or m.label in args.methods]
+    if args.preset:
+        methods = [dataclasses.replace(m, preset=args.preset) for m in methods]
     sections = []
     for model_name in args.models:
-        model, data_config, _ = load_model(model_name)
+        model, data_config, spec = load_model(model_name)
+        model_tag = model_name.replace(":", "_") + (f"-{file_sha256(spec.checkpoint)[:12]}" if spec.checkpoint else "")
         dataset = make_dataset(FASHION_MNIST, data_config, split="test")
         evalset = EvalSet.from_dataset(dataset)
         evalset.images, evalset.targets = evalset.images[:args.eval_size], evalset.targets[:args.eval_size]
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
                     qconfig = QuantConfig(w_bits=w, a_bits=a, preset=m.preset)
                     mine_config = QuantConfig(w_bits=mine_at[0], a_bits=mine_at[1], preset=m.preset) if mine_at else qconfig
                     start = time.perf_counter()
-                    images, made_in = cached_images(model, data_config, model_name, m, mine_config, seed,
+                    images, made_in = cached_images(model, data_config, model_tag, m, mine_config, seed,
                                                     args.calib_size, synth_opts.get(m.calib, {}))
                     synth_seconds.setdefault(m.calib, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
                     _, row, _ = run_quantization(model, data_config, qconfig,
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
                         + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")
                         + "\n\n" + markdown_table(header, rows))
     models = "+".join(m.removeprefix("zoo:") for m in args.models)
-    publish(f"ablate-{args.table}-{models}", "ablate.py", argv,
+    publish(f"ablate-{args.table}-{models}" + (f"-{args.preset}" if args.preset else ""), "ablate.py", argv,
             f"{args.calib_size} calibration images, {args.eval_size} test images", "\n\n".join(sections), args.write)
     return 0
 
