@@ -109,7 +109,7 @@ def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None,
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(y), generator=generator)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             images = augment(x[idx], cfg.shift, cfg.hflip, generator).to(device)
@@ -119,7 +119,7 @@ def train(spec: ModelSpec, cfg: TrainConfig, device: str = "cpu", data_dir=None,
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         checked = test is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
