@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save, save_file
 
 from .. import __version__
+from ..acm import ACMConfig, ActivationCorrection, Corrected, attach_corrections
 from ..errors import UserError
 from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
@@ -90,24 +91,15 @@ def unpack_state_dict(state: dict[str, torch.Tensor], table: dict[str, dict],
     return state
 
 
-def _acm_types() -> tuple[type, ...]:
-    try:
-        from ..acm import ActivationCorrection, Corrected
-    except ImportError:  # pragma: no cover
-        return ()
-    return ActivationCorrection, Corrected
-
-
 def fp32_safetensors_bytes(model: torch.nn.Module) -> int:
     """Size of the FP32 safetensors file of the float model this quantized model came from:
     its float tensors, without the quantizers' buffers and without activation corrections
     (``dfqvit.acm``, which the FP32 model does not have), under the FP32 model's key names."""
-    acm_types = _acm_types()
     drop, renames = set(), []
     for name, mod in model.named_modules():
-        if isinstance(mod, Quantizer) or (acm_types and isinstance(mod, acm_types[0])):
+        if isinstance(mod, (Quantizer, ActivationCorrection)):
             drop.update(_prefix(name) + k for k in mod.state_dict())
-        elif acm_types and isinstance(mod, acm_types[1]):
+        elif isinstance(mod, Corrected):
             renames.append((_prefix(name) + "module.", _prefix(name)))
     state = {}
     for k, v in model.state_dict().items():
@@ -189,7 +181,6 @@ def load_quantized(path) -> tuple[torch.nn.Module, dict]:
     acm = meta.get("acm")
     if isinstance(acm, dict) and acm.get("kind", "off") != "off":
         # activation corrections (dfqvit.acm) saved with the model: same structure, then load
-        from ..acm import ACMConfig, attach_corrections
         attach_corrections(model, ACMConfig(**acm))
     weights = Path(path) / WEIGHTS_FILE
     state = load_file(str(weights)) if weights.is_file() else {}
