@@ -20,7 +20,7 @@ from dfqvit.acm import ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.evaluate import score
 from dfqvit.export import export_onnx
-from dfqvit.export.cli import onnx_model_callable
+from dfqvit.export.cli import OnnxModel
 from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
 from dfqvit.quant import QuantConfig, save_quantized
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 save_quantized(qmodel, spec, qconfig, out, extra={"acm": ACMConfig(kind=args.acm).to_dict()})
                 size = json.loads((out / "quantization_config.json").read_text())["size"]
                 report = export_onnx(qmodel, out / "model.onnx", data_config, verify=False)
-                ort_logits = evalset.evaluate(onnx_model_callable(out / "model.onnx"), progress=False)[1]
+                ort_logits = evalset.evaluate(OnnxModel(out / "model.onnx"), progress=False)[1]
                 sim_logits = evalset.evaluate(qmodel, progress=False)[1]
                 ort = score(ort_logits, evalset.targets, reference_logits=sim_logits)
                 rows.append([model_name, setting, f"{fp.top1:.2f}", f"{row['top1']:.2f}", f"{ort.top1:.2f}",

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from dfqvit import cli
 from dfqvit.errors import UserError
-from dfqvit.export.cli import add_export_parser, add_onnx_eval_args, cmd_eval_onnx, onnx_model_callable
+from dfqvit.export.cli import OnnxModel, add_export_parser, add_onnx_eval_args, cmd_eval_onnx
 from dfqvit.models import ModelSpec
 from dfqvit.quant import QuantConfig, quantize, save_quantized
 
@@ -70,7 +70,7 @@ def test_export_command(tmp_path, saved_dir, capsys):
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         ref = qmodel(x)
-    got = onnx_model_callable(out)(x)
+    got = OnnxModel(out)(x)
     assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
     # refuses to overwrite without --force; --force replaces
     with pytest.raises(UserError, match="already exists"):

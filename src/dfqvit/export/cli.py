@@ -78,7 +78,8 @@ def add_onnx_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 class OnnxModel:
-    """A callable ONNX Runtime session: ``model(images) -> logits`` (torch tensors)."""
+    """A callable ONNX Runtime session on the CPU execution provider: ``model(images) -> logits``
+    (torch tensors, images ``(N, C, H, W)``)."""
 
     def __init__(self, path, threads: int | None = None):
         from .ort import make_session
@@ -101,17 +102,9 @@ class OnnxModel:
         return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer))
 
 
-def onnx_model_callable(path, threads: int | None = None) -> OnnxModel:
-    """``images (N, C, H, W) -> logits`` through ONNX Runtime's CPU execution provider."""
-    return OnnxModel(path, threads)
-
-
-def onnx_data_config(path, args=None) -> dict:
-    """The data config stored in an exported model (``dfqvit export`` writes it); without one,
-    the config of ``--model`` and the data flags in ``args``."""
-    from .onnx_export import read_onnx_metadata
-
-    meta = read_onnx_metadata(path)
+def onnx_data_config(path, meta: dict, args=None) -> dict:
+    """The data config stored in an exported model's metadata ``meta`` (``dfqvit export`` writes
+    it); without one, the config of ``--model`` and the data flags in ``args``."""
     if "data_config" in meta:
         cfg = meta["data_config"]
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
@@ -151,9 +144,9 @@ def cmd_eval_onnx(args) -> int:
         raise UserError("give either --quantized DIR or --onnx FILE, not both")
     if args.device != "cpu":
         raise UserError("--onnx runs on ONNX Runtime's CPU execution provider; use --device cpu")
-    model = onnx_model_callable(args.onnx, args.ort_threads)
+    model = OnnxModel(args.onnx, args.ort_threads)
     meta = read_onnx_metadata(args.onnx)
-    data_config = onnx_data_config(args.onnx, args)
+    data_config = onnx_data_config(args.onnx, meta, args)
     reference = _onnx_reference(args, meta)
     if reference is None:
         print("note: FP32 reference not found; pass --model/--checkpoint to get agreement and KL", file=sys.stderr)
