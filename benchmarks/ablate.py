@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dfq-iters", type=int, help="dfq iterations per stage (default: the source's)")
     parser.add_argument("--write", action="store_true", help="update the table's section of docs/RESULTS.md")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.preset and args.table == "ptq":
+        parser.error("--preset does not apply to the ptq table: its columns are the presets")
 
     table = TABLES[args.table]
     def parse_setting(text):
@@ -157,8 +158,11 @@ def main(argv=None) -> int:
                         f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}"
                         + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")
                         + "\n\n" + markdown_table(header, rows))
-    models = "+".join(m.removeprefix("zoo:") for m in args.models)
-    publish(f"ablate-{args.table}-{models}" + (f"-{args.preset}" if args.preset else ""), "ablate.py", argv,
+    # A subset of the table (preset, settings, methods) gets its own section: it never replaces the full one.
+    subset = [args.preset] + (args.settings or []) + (args.methods or [])
+    section = "-".join(["ablate", args.table, "+".join(m.removeprefix("zoo:") for m in args.models)]
+                       + [part.replace(" ", "_") for part in subset if part])
+    publish(section, "ablate.py", argv,
             f"{args.calib_size} calibration images, {args.eval_size} test images", "\n\n".join(sections), args.write)
     return 0
 
