@@ -122,8 +122,7 @@ def main(argv=None) -> int:
         model, data_config, spec = load_model(model_name)
         model_tag = model_name.replace(":", "_") + (f"-{file_sha256(spec.checkpoint)[:12]}" if spec.checkpoint else "")
         dataset = make_dataset(FASHION_MNIST, data_config, split="test")
-        evalset = EvalSet.from_dataset(dataset)
-        evalset.images, evalset.targets = evalset.images[:args.eval_size], evalset.targets[:args.eval_size]
+        evalset = EvalSet.from_dataset(dataset, limit=args.eval_size)
         fp = evalset.set_reference(model, progress=False)
         cells: dict = {}
         synth_seconds: dict = {}

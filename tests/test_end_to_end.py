@@ -1,5 +1,6 @@
-"""End to end on a bundled model: data-free W4A8 quantization of zoo:swin-fmnist (the smaller and
-faster zoo model) against its FP32 self on real test images.
+"""End to end on a bundled model, zoo:swin-fmnist (the smaller and faster zoo model), against its
+FP32 self on real test images: data-free W4A8 quantization, and the ranking of calibration
+sources at W4A4.
 
 The thresholds sit well outside seed-to-seed noise but would catch a real regression in the
 synthesis, the quantizer or the correction (measured on the first 2000 test images: see the
@@ -15,20 +16,18 @@ from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
 from dfqvit.quant import QuantConfig
 
-pytestmark = [pytest.mark.zoo("swin-fmnist"), pytest.mark.needs_fashion_mnist]
+pytestmark = [pytest.mark.slow, pytest.mark.zoo("swin-fmnist"), pytest.mark.needs_fashion_mnist]
 EVAL_IMAGES = 2000
 
 
 @pytest.fixture(scope="module")
 def swin():
     model, data_config, _ = load_model("zoo:swin-fmnist")
-    evalset = EvalSet.from_dataset(make_dataset(FASHION_MNIST, data_config, split="test"))
-    evalset.images, evalset.targets = evalset.images[:EVAL_IMAGES], evalset.targets[:EVAL_IMAGES]
+    evalset = EvalSet.from_dataset(make_dataset(FASHION_MNIST, data_config, split="test"), limit=EVAL_IMAGES)
     evalset.set_reference(model, progress=False)
     return model, data_config, evalset
 
 
-@pytest.mark.slow
 def test_data_free_w4a8_stays_close_to_fp32(swin):
     """dfq images (shortened synthesis: 25 steps per stage) → repq W4A8 → diag ACM."""
     model, data_config, evalset = swin
@@ -44,7 +43,6 @@ def test_data_free_w4a8_stays_close_to_fp32(swin):
     assert row["weight_bytes"] < 0.2 * row["fp32_weight_bytes"]
 
 
-@pytest.mark.slow
 def test_calibration_sources_rank_at_w4a4(swin):
     """The comparison the project rests on must be visible: at W4A4 real images beat noise,
     and data-free dfq images beat noise too."""

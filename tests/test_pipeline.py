@@ -134,3 +134,12 @@ def test_cli_bad_bits_subprocess(tmp_path, run_cli, assert_one_line_error):
     assert_one_line_error(result.stderr)
     assert "w_bits=9" in result.stderr and "2..8" in result.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_evalset_limit_loads_the_first_items_only():
+    from torch.utils.data import TensorDataset
+
+    images, targets = torch.randn(10, 1, 28, 28), torch.arange(10)
+    head = EvalSet.from_dataset(TensorDataset(images, targets), limit=4)
+    assert torch.equal(head.images, images[:4]) and torch.equal(head.targets, targets[:4])
+    assert len(EvalSet.from_dataset(TensorDataset(images, targets), limit=50).targets) == 10

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .acm import ACMConfig, correction_cost, fit_corrections
 from .calib import CalibrationContext, make_source
@@ -27,7 +27,10 @@ class EvalSet:
     fp_seconds: float = 0.0
 
     @classmethod
-    def from_dataset(cls, dataset, batch_size: int = 500) -> "EvalSet":
+    def from_dataset(cls, dataset, batch_size: int = 500, limit: int | None = None) -> "EvalSet":
+        """The whole ``dataset``, or its first ``limit`` items (only those are loaded)."""
+        if limit is not None:
+            dataset = Subset(dataset, range(min(limit, len(dataset))))
         loader = DataLoader(dataset, batch_size=1000)
         images, targets = zip(*loader)
         return cls(torch.cat(images), torch.cat(targets), batch_size)
