@@ -27,7 +27,7 @@ data:
 	else echo "note: Fashion-MNIST not installed (needs root for apt-get install dataset-fashion-mnist)"; fi
 
 demo: setup
-	$(VENV)/bin/dfqvit quantize --model zoo:deit-fmnist --w-bits 4 --a-bits 8 --calib dfq --acm diag \
+	$(VENV)/bin/dfqvit quantize --model zoo:deit-fmnist --w-bits 4 --a-bits 8 --calib dfq \
 		--data fashion-mnist --out runs/demo-deit-fmnist-w4a8 --force --results-file runs/demo-deit-fmnist-w4a8.json
 
 test: setup

@@ -53,8 +53,9 @@ TABLES = {
     "acm": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
         methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
-                 Method("dfq + ACM", "dfq", acm="diag", mined=True), Method("real", "real"),
-                 Method("real + ACM", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
+                 Method("dfq + ACM diag", "dfq", acm="diag", mined=True),
+                 Method("dfq + ACM full", "dfq", acm="full", mined=True), Method("real", "real"),
+                 Method("real + ACM diag", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import markdown_table, publish
 
-from dfqvit.acm import ACMConfig
+from dfqvit.acm import ACM_KINDS, ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.evaluate import score
 from dfqvit.export import export_onnx
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["zoo:deit-fmnist", "zoo:swin-fmnist"])
     p.add_argument("--settings", nargs="+", default=["W8A8", "W4A8"])
     p.add_argument("--calib", default="real")
-    p.add_argument("--acm", default="diag", choices=["off", "diag", "full"])
+    p.add_argument("--acm", default="auto", choices=ACM_KINDS)
     p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
     rows = []
@@ -44,10 +44,11 @@ def main(argv=None) -> int:
                 w, a = (int(x) for x in setting.upper().lstrip("W").split("A"))
                 qconfig = QuantConfig(w_bits=w, a_bits=a)
                 options = {"data": FASHION_MNIST} if args.calib == "real" else {"progress": False}
+                acm = ACMConfig(kind=args.acm).resolved(a)
                 qmodel, row, _ = run_quantization(model, data_config, qconfig, CalibSpec(args.calib, 32, 0, options),
-                                                  evalset, acm=ACMConfig(kind=args.acm), progress=False)
+                                                  evalset, acm=acm, progress=False)
                 out = Path(tmp) / f"{model_name.removeprefix('zoo:')}-{setting}"
-                save_quantized(qmodel, spec, qconfig, out, extra={"acm": ACMConfig(kind=args.acm).to_dict()})
+                save_quantized(qmodel, spec, qconfig, out, extra={"acm": acm.to_dict()})
                 size = json.loads((out / "quantization_config.json").read_text())["size"]
                 report = export_onnx(qmodel, out / "model.onnx", data_config, verify=False)
                 ort_logits = evalset.evaluate(OnnxModel(out / "model.onnx"), progress=False)[1]

@@ -15,7 +15,7 @@ import time
 
 from common import markdown_table, mean_std, publish
 
-from dfqvit.acm import ACMConfig
+from dfqvit.acm import ACM_KINDS, ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, nargs="+", default=[25, 50, 100, 200])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--calib-size", type=int, default=32)
-    p.add_argument("--acm", default="off", choices=["off", "full", "diag"])
+    p.add_argument("--acm", default="off", choices=ACM_KINDS)
     p.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
     w, a = (int(x) for x in args.setting.upper().lstrip("W").split("A"))

@@ -149,4 +149,25 @@ def test_bad_settings(kwargs):
 def test_model_without_blocks():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(UserError, match="no transformer blocks"):
-        fit_corrections(model, model, torch.randn(2, 4), ACMConfig(), progress=False)
+        fit_corrections(model, model, torch.randn(2, 4), ACMConfig(kind="diag"), progress=False)
+
+
+@pytest.mark.parametrize("a_bits, kind, ridge", [(8, "full", 1.0), (6, "diag", 1e-2), (4, "diag", 1e-2)])
+def test_auto_kind_follows_activation_bits(a_bits, kind, ridge):
+    fp = make(DEIT)
+    qmodel, _ = quantize(fp, QuantConfig(w_bits=4, a_bits=a_bits), noise(8, 0))
+    summary = fit_corrections(qmodel, fp, noise(8, 0), ACMConfig(), progress=False)
+    assert (summary["config"].kind, summary["config"].ridge) == (kind, ridge)
+    assert {m.kind for m in qmodel.modules() if isinstance(m, ActivationCorrection)} == {kind}
+
+
+def test_explicit_ridge_and_kind_are_kept():
+    assert ACMConfig(kind="full", ridge=0.05).resolved(4) == ACMConfig(kind="full", ridge=0.05)
+    assert ACMConfig(kind="diag").resolved(8).ridge == 1e-2
+    assert ACMConfig(ridge=3.0).resolved(8) == ACMConfig(kind="full", ridge=3.0)
+
+
+def test_auto_needs_a_quantized_model():
+    fp = make(DEIT)
+    with pytest.raises(UserError, match="quantize it first"):
+        fit_corrections(copy.deepcopy(fp), fp, noise(4, 0), ACMConfig(), progress=False)

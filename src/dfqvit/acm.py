@@ -9,10 +9,16 @@ forward order, each on the stream already corrected by the points before it. Onl
 Gram matrices ``AᵀA`` and ``AᵀY`` (float64) are accumulated over batches, so memory does not
 grow with the calibration set. The ridge pulls toward the identity, so with quantization off
 (``x == y``) the fit is exactly the identity, and tiny or singular calibration sets stay stable.
+
+The default kind, ``auto``, picks by the activation bit-width (measured, docs/RESULTS.md):
+with 8-bit activations what is left is mostly weight-quantization error ``x·ΔWᵀ``, which mixes
+channels, so a ``full`` map pays off; with fewer bits the per-channel activation error
+dominates and a ``full`` map fitted on synthetic images overfits them, so ``diag``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -20,9 +26,13 @@ from tqdm import tqdm
 
 from .errors import UserError
 
-ACM_KINDS = ("full", "diag", "off")
+ACM_KINDS = ("auto", "full", "diag", "off")
 ACM_WHERE = ("block", "branch")
 ACM_TARGETS = ("fp", "fp_module")
+# Ridge strengths measured best when the map is fitted on synthetic (dfq) images: a full map
+# needs strong shrinkage toward the identity to carry over to real images, a diag map does not.
+DEFAULT_RIDGE = {"full": 1.0, "diag": 1e-2}
+FULL_FROM_A_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -30,10 +40,10 @@ class ACMConfig:
     """``target``: ``fp`` — the FP model's activation for the same image; ``fp_module`` — the
     FP module applied to the quantized model's (corrected) input of that module."""
 
-    kind: str = "diag"           # measured better than "full" when fitted on synthetic images
+    kind: str = "auto"           # full with 8-bit activations, diag below (see the module docstring)
     where: str = "block"
     target: str = "fp"
-    ridge: float = 1e-2          # relative to the mean diagonal of AᵀA
+    ridge: float | None = None   # relative to the mean diagonal of AᵀA; None: DEFAULT_RIDGE[kind]
     batch_size: int = 32
 
     def __post_init__(self):
@@ -41,8 +51,15 @@ class ACMConfig:
                                      ("target", self.target, ACM_TARGETS)):
             if value not in allowed:
                 raise UserError(f"ACM {name} {value!r} is not one of {', '.join(allowed)}")
-        if not self.ridge > 0:
+        if self.ridge is not None and not self.ridge > 0:
             raise UserError(f"ACM ridge must be positive (got {self.ridge})")
+
+    def resolved(self, a_bits: int | None) -> ACMConfig:
+        """The concrete kind and ridge used for a model quantized with ``a_bits`` activations
+        (``a_bits`` matters only for ``auto``)."""
+        kind = self.kind if self.kind != "auto" else ("full" if a_bits >= FULL_FROM_A_BITS else "diag")
+        ridge = self.ridge if self.ridge is not None else DEFAULT_RIDGE.get(kind)
+        return replace(self, kind=kind, ridge=ridge)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +126,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def attach_corrections(model: nn.Module, config: ACMConfig) -> list[str]:
     """Wrap every correction point with an identity :class:`Corrected`; returns their names."""
+    if config.kind == "auto":
+        raise ValueError("resolve ACMConfig(kind='auto') with .resolved(a_bits) first")
     if config.kind == "off":
         return []
     names = []
@@ -176,18 +195,30 @@ def _residual(sol: torch.Tensor, ata: torch.Tensor, aty: torch.Tensor, yy: float
     return float(torch.einsum("ci,cij,cj->", sol, ata, sol) - 2 * (sol * aty).sum() + yy)
 
 
+def activation_bits(qmodel: nn.Module) -> int:
+    """The most common bit-width of the quantized model's activation quantizers."""
+    from .quant.quantizers import ActQuantizer  # dfqvit.quant imports this module at load time
+
+    counts = Counter(m.bits for m in qmodel.modules() if isinstance(m, ActQuantizer) and m.bits < 32)
+    if not counts:
+        raise UserError("the model has no quantized activations to correct: quantize it first")
+    return counts.most_common(1)[0][0]
+
+
 @torch.no_grad()
 def fit_corrections(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, config: ACMConfig,
                     device: str = "cpu", progress: bool = True) -> dict:
     """Insert and fit the corrections of ``config`` into ``qmodel`` (in place), point by point.
 
-    Returns a summary: the corrected points and, per point, the mean squared error to the
+    ``kind="auto"`` is resolved from the activation bit-width of ``qmodel``. Returns a summary:
+    the resolved config, the corrected points and, per point, the mean squared error to the
     target before and after its correction (on the calibration images).
     """
+    config = config.resolved(activation_bits(qmodel) if config.kind == "auto" else None)
     names = attach_corrections(qmodel, config)
     fp_model, qmodel = fp_model.eval().to(device), qmodel.eval().to(device)
     batches = images.to(device).split(config.batch_size)
-    summary = {"points": names, "mse_before": [], "mse_after": []}
+    summary = {"config": config, "points": names, "mse_before": [], "mse_after": []}
     for name in tqdm(names, desc="ACM", disable=not progress, leave=False):
         wrapper: Corrected = qmodel.get_submodule(name)
         fp_module = fp_model.get_submodule(name)

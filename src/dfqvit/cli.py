@@ -210,14 +210,16 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 def add_acm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("activation correction matrix (ACM)")
-    g.add_argument("--acm", default="diag", choices=["full", "diag", "off"],
-                   help="closed-form correction of intermediate activations: per-channel (diag, the "
-                        "default: it measures better on synthetic calibration sets), full matrix, or off")
+    g.add_argument("--acm", default="auto", choices=["auto", "full", "diag", "off"],
+                   help="closed-form correction of intermediate activations: full matrix, per-channel "
+                        "(diag), or off; auto (default) picks full with 8-bit activations and diag below, "
+                        "which measures best on synthetic calibration sets")
     g.add_argument("--acm-where", default="block", choices=["block", "branch"],
                    help="block outputs, or attention/MLP branch outputs")
     g.add_argument("--acm-target", default="fp", choices=["fp", "fp_module"],
                    help="FP activation of the same image, or the FP module on the quantized input")
-    g.add_argument("--acm-ridge", type=float, default=1e-2, help="ridge strength, relative to the data")
+    g.add_argument("--acm-ridge", type=float, help="ridge strength toward the identity, relative to the "
+                   "data (default: 1 for full, 0.01 for diag)")
 
 
 def quant_config_from_args(args):
@@ -259,7 +261,7 @@ def cmd_quantize(args) -> int:
     from .quant import save_quantized
 
     qconfig = quant_config_from_args(args)
-    acm = acm_config_from_args(args)
+    acm = acm_config_from_args(args).resolved(qconfig.a_bits)
     calib = calib_spec_from_args(args)
     if args.out:
         refuse_existing(args.out, args.force)
