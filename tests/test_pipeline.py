@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+from dfqvit.acm import ActivationCorrection
 from dfqvit.models import resolve_data_config
 from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
 from dfqvit.quant import QuantConfig, QLinear, load_quantized
@@ -100,8 +101,11 @@ def test_cli_quantize_smoke(tmp_path, run_cli, assert_one_line_error):
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["calibration"]["source"] == "noise" and meta["calibration"]["size"] == 8
     assert meta["quantization"]["w_bits"] == 4 and meta["model"]["name"] == VIT_NAME
+    # the default ACM is saved resolved: W4A8 (8-bit activations) gets the full map, ridge 1
+    assert (meta["acm"]["kind"], meta["acm"]["ridge"]) == ("full", 1.0)
     qmodel, _ = load_quantized(out)
     assert any(isinstance(m, QLinear) for m in qmodel.modules())
+    assert {m.kind for m in qmodel.modules() if isinstance(m, ActivationCorrection)} == {"full"}
     # the same --out again: refused, untouched
     before = (out / WEIGHTS_FILE).read_bytes()
     again = run_cli(*args)
@@ -113,7 +117,8 @@ def test_cli_quantize_smoke(tmp_path, run_cli, assert_one_line_error):
 
 @pytest.mark.parametrize("flags,message", [(["--w-bits", "9"], "w_bits=9"), (["--a-bits", "1"], "a_bits=1"),
                                            (["--first-last-bits", "12"], "first_last_bits=12"),
-                                           (["--include", "nothing.*"], "matches no quantizable module")])
+                                           (["--include", "nothing.*"], "matches no quantizable module"),
+                                           (["--acm-ridge", "0"], "ridge must be positive")])
 def test_cli_bad_settings(tmp_path, capsys, assert_one_line_error, flags, message):
     """In process (``main`` is what the console script runs): exit 2, one line, no traceback."""
     from dfqvit.cli import main
