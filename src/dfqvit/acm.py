@@ -197,9 +197,10 @@ def _residual(sol: torch.Tensor, ata: torch.Tensor, aty: torch.Tensor, yy: float
 
 def activation_bits(qmodel: nn.Module) -> int:
     """The most common bit-width of the quantized model's activation quantizers."""
-    from .quant.quantizers import ActQuantizer  # dfqvit.quant imports this module at load time
+    from .quant.primitives import is_float      # dfqvit.quant imports this module at load time
+    from .quant.quantizers import ActQuantizer
 
-    counts = Counter(m.bits for m in qmodel.modules() if isinstance(m, ActQuantizer) and m.bits < 32)
+    counts = Counter(m.bits for m in qmodel.modules() if isinstance(m, ActQuantizer) and not is_float(m.bits))
     if not counts:
         raise UserError("the model has no quantized activations to correct: quantize it first")
     return counts.most_common(1)[0][0]
