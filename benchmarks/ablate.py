@@ -9,6 +9,7 @@ Examples::
     python benchmarks/ablate.py --table ptq        # issue 3: noise/real × presets × bit-widths
     python benchmarks/ablate.py --table acm        # issue 5: noise, psaq, dfq ± ACM, real ± ACM
     python benchmarks/ablate.py --table acm --write   # also update docs/RESULTS.md
+    python benchmarks/ablate.py --table components   # issue 4: dfq with each component off
 """
 from __future__ import annotations
 
@@ -56,6 +57,16 @@ TABLES = {
                  Method("dfq + ACM diag", "dfq", acm="diag", mined=True),
                  Method("dfq + ACM full", "dfq", acm="full", mined=True), Method("real", "real"),
                  Method("real + ACM diag", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
+    # issue 4: each dfq component switched off alone (ACM off), between noise and real for scale.
+    "components": dict(
+        settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
+        methods=[Method("noise", "noise"), Method("dfq", "dfq", mined=True),
+                 Method("− E2H (1 stage, so no mining)", "dfq", synth_opts=(("e2h_stages", 1),), mined=True),
+                 Method("− hard mining", "dfq", synth_opts=(("hard_mining", False),), mined=True),
+                 Method("− local crops", "dfq", synth_opts=(("local_crops", False),), mined=True),
+                 Method("− patch entropy", "dfq", synth_opts=(("patch_entropy", False),), mined=True),
+                 Method("− TV prior", "dfq", synth_opts=(("tv_prior", False),), mined=True),
+                 Method("real", "real")]),
 }
 
 
@@ -136,7 +147,7 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     images, made_in = cached_images(model, data_config, model_tag, m, mine_config, seed,
                                                     args.calib_size, synth_opts.get(m.calib, {}))
-                    synth_seconds.setdefault(m.calib, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
+                    synth_seconds.setdefault(m.label if m.synth_opts else m.calib, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
                     _, row, _ = run_quantization(model, data_config, qconfig,
                                                  CalibSpec(m.calib, len(images), seed, images=images),
                                                  evalset, acm=ACMConfig(kind=m.acm), progress=False)
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
                 f"{mean_std(c.top1)} / {mean_std(c.agreement)} / {mean_std(c.kl, 4)}"
                 for c in (cells[(w, a, m.label)] for m in methods)])
         times = ", ".join(f"{src} {mean_std(list(v.values()), 1)} s" for src, v in synth_seconds.items()
-                          if src in ("psaq", "dfq"))
+                          if src not in ("noise", "real"))
         sections.append(f"**{model_name}** (FP32 top-1 {fp.top1:.2f}%) — each cell: top-1 % / agreement "
                         f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}"
                         + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")
