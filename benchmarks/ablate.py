@@ -125,6 +125,11 @@ def main(argv=None) -> int:
     mine_at = parse_setting(args.mine_at) if args.mine_at else None
     synth_opts = {"psaq": {"iterations": args.psaq_iters} if args.psaq_iters else {},
                   "dfq": {"iterations": args.dfq_iters} if args.dfq_iters else {}}
+    labels = [m.label for m in table["methods"]]
+    unknown = [label for label in args.methods or [] if label not in labels]
+    if unknown:
+        parser.error(f"--methods {', '.join(map(repr, unknown))}: the {args.table} table's methods are "
+                     + ", ".join(map(repr, labels)))
     methods = [m for m in table["methods"] if not args.methods or m.label in args.methods]
     if args.preset:
         methods = [dataclasses.replace(m, preset=args.preset) for m in methods]
