@@ -171,3 +171,22 @@ def test_auto_needs_a_quantized_model():
     fp = make(DEIT)
     with pytest.raises(UserError, match="quantize it first"):
         fit_corrections(copy.deepcopy(fp), fp, noise(4, 0), ACMConfig(), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", [DEIT, SWIN], ids=["deit", "swin"])
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_quantize_and_fit_on_cuda_match_the_cpu(spec, kind):
+    """Calibration and ACM fitting on a GPU give the CPU's quantized model (the same function)."""
+    fp, x, held_out = make(spec), noise(16, 0), noise(8, 1)
+    config = QuantConfig(w_bits=4, a_bits=8)
+    outs = []
+    for device in ("cpu", "cuda"):
+        qmodel, _ = quantize(fp, config, x, device=device)
+        fit_corrections(qmodel, copy.deepcopy(fp), x, ACMConfig(kind=kind), device=device, progress=False)
+        with torch.no_grad():
+            outs.append(qmodel(held_out.to(device)).cpu())
+    quant_error_db = sqnr_db(fp(held_out).detach(), outs[0])
+    device_error_db = sqnr_db(outs[0], outs[1])
+    print(f"{spec[0]} {kind}: CPU vs FP32 {quant_error_db:.1f} dB, GPU vs CPU {device_error_db:.1f} dB")
+    assert device_error_db > quant_error_db + 10   # the devices differ far less than quantization errs

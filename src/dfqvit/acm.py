@@ -180,12 +180,13 @@ def _solve(ata: torch.Tensor, aty: torch.Tensor, kind: str, ridge: float) -> tor
     if kind == "full":
         d = aty.shape[1]
         prior = torch.zeros_like(aty)
-        prior[:d, :d] = torch.eye(d, dtype=aty.dtype)
+        prior[:d, :d] = torch.eye(d, dtype=aty.dtype, device=aty.device)
         lam = ridge * ata.diagonal().mean().clamp_min(1e-12)
-        return torch.linalg.solve(ata + lam * torch.eye(len(ata), dtype=ata.dtype), aty + lam * prior)
+        return torch.linalg.solve(ata + lam * torch.eye(len(ata), dtype=ata.dtype, device=ata.device),
+                                  aty + lam * prior)
     lam = ridge * ata[:, 0, 0].mean().clamp_min(1e-12)
-    prior = torch.tensor([1.0, 0.0], dtype=aty.dtype).expand_as(aty)
-    return torch.linalg.solve(ata + lam * torch.eye(2, dtype=ata.dtype), aty + lam * prior)
+    prior = torch.tensor([1.0, 0.0], dtype=aty.dtype, device=aty.device).expand_as(aty)
+    return torch.linalg.solve(ata + lam * torch.eye(2, dtype=ata.dtype, device=ata.device), aty + lam * prior)
 
 
 def _residual(sol: torch.Tensor, ata: torch.Tensor, aty: torch.Tensor, yy: float, kind: str) -> float:

@@ -15,7 +15,8 @@ from .serialize import load_quantized, save_quantized
 def quantize(model: torch.nn.Module, config: QuantConfig, images: torch.Tensor, batch_size: int = 32,
              device: str = "cpu", progress: bool = False) -> tuple[torch.nn.Module, ConversionReport]:
     """A calibrated quantized *copy* of ``model`` (the float model is left untouched)."""
-    qmodel, report = quantize_model(copy.deepcopy(model).to(device), config)
+    qmodel, report = quantize_model(copy.deepcopy(model), config)
+    qmodel.to(device)   # after conversion: the quantizers' buffers are created on the CPU
     calibrate(qmodel, config, images, batch_size=batch_size, device=device, progress=progress)
     return qmodel, report
 

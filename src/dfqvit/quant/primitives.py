@@ -87,7 +87,7 @@ def minmax_range(x: torch.Tensor, channel_dim: int | None = None) -> tuple[torch
 def percentile_range(x: torch.Tensor, pct: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor (lo, hi) at the ``100 - pct`` and ``pct`` percentiles."""
     flat = x.flatten().float()
-    q = torch.tensor([1 - pct / 100, pct / 100], dtype=flat.dtype)
+    q = torch.tensor([1 - pct / 100, pct / 100], dtype=flat.dtype, device=flat.device)
     lo, hi = torch.quantile(flat, q) if flat.numel() <= 2 ** 24 else torch.quantile(flat[: 2 ** 24], q)
     return lo, hi
 
@@ -113,10 +113,10 @@ def mse_range(x: torch.Tensor, bits: int, symmetric: bool, channel_dim: int | No
             best_err = torch.where(better, err, best_err)
             best_ratio = torch.where(better, ratio, best_ratio)
 
-    coarse = torch.linspace(1.0, min_ratio, grid)
+    coarse = torch.linspace(1.0, min_ratio, grid, device=lo.device)
     search(coarse[:, None].expand(-1, lo.numel()).reshape(grid, *lo.shape))
     step = (1.0 - min_ratio) / (grid - 1)
-    offsets = torch.linspace(-step, step, refine + 2)[1:-1]
+    offsets = torch.linspace(-step, step, refine + 2, device=lo.device)[1:-1]
     search((best_ratio[None] + offsets.view(-1, *[1] * lo.ndim)).clamp(min_ratio, 1.0))
     return lo * best_ratio, hi * best_ratio
 
