@@ -7,6 +7,8 @@ comes from one process, so the ratios between rows are the meaningful part.
 Examples::
 
     python benchmarks/bench_synthesis.py                       # CPU: small models, short runs
+    python benchmarks/bench_synthesis.py --device cuda --iters 1000            # CUDA graphs (default)
+    python benchmarks/bench_synthesis.py --device cuda --no-cuda-graph          # eager, for the ratio
     python benchmarks/bench_synthesis.py --device cuda --compile --compile-mode reduce-overhead
     python benchmarks/bench_synthesis.py --models zoo:deit-fmnist --configs psaq,dfq --iters 100
 
@@ -74,7 +76,8 @@ def build(name: str):
 def real_quantizer(model: nn.Module, w_bits: int, a_bits: int):
     """The quantizer ``dfqvit quantize`` mines against: a calibrated repq copy of ``model``."""
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
-    return lambda images: quantize(model, config, images.to(next(model.parameters()).device))[0]
+    device = str(next(model.parameters()).device)
+    return lambda images: quantize(model, config, images, device=device)[0]
 
 
 def sync(device: str):
@@ -85,7 +88,7 @@ def sync(device: str):
 def time_one(model, data_config, config_name: str, args) -> dict:
     source_name, overrides = CONFIGS[config_name]
     overrides = {**overrides, "batch_size": args.batch, "iterations": args.iters, "progress": args.progress,
-                 "compile": args.compile}
+                 "compile": args.compile, "cuda_graph": args.cuda_graph}
     if args.compile_mode:
         overrides["compile_mode"] = args.compile_mode
     if source_name == "dfq" and not args.mining:
@@ -122,7 +125,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None,
                    help="iterations per round/stage (default: 40 on CPU, 200 on CUDA)")
     p.add_argument("--batch", type=int, default=32, help="images per run (= batch size)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the synthesis step")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="CUDA: run every step eagerly instead of replaying a captured CUDA graph")
+    p.add_argument("--compile", action="store_true", help="torch.compile the synthesis step (no CUDA graph)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     p.add_argument("--mining", action="store_true", help="dfq: hard-example mining against the real quantizer")
     p.add_argument("--mining-bits", type=int, nargs=2, default=(4, 8), metavar=("W", "A"))
@@ -150,6 +155,7 @@ def main(argv=None):
     print(f"# synthesis benchmark: {dev_name}; torch {torch.__version__}; batch {args.batch}; "
           f"iters {args.iters}/round|stage; compile={args.compile}"
           f"{' (' + args.compile_mode + ')' if args.compile_mode else ''}; "
+          f"cuda_graph={cuda and args.cuda_graph and not args.compile}; "
           f"bf16 autocast={'on' if cuda else 'off (CPU)'}; mining={'W%dA%d' % tuple(args.mining_bits) if args.mining else 'off'}")
     header = (f"{'model':<26} {'config':<15} {'steps':>6} {'seconds':>9} {'ms/step':>9} {'img/s':>8} "
               f"{'warmup s':>9} {'final CE':>9}")

@@ -354,3 +354,48 @@ def test_compile_traces_the_step(vit, monkeypatch):
     out = make_source("dfq", compile=True, **kw).generate(vit, 4, _ctx())
     torch._dynamo.reset()
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name,model", [("psaq", "vit"), ("dfq", "vit"), ("dfq", "swin")])
+def test_cuda_graph_replays_the_eager_step(name, model, monkeypatch):
+    """The captured step computes what the eager step computes (same seed, same images), and
+    it is really captured: once per phase (PSAQ round / DFQ batch), not silently skipped.
+
+    Few steps, because replays differ from eager steps in the last bits (ViT psaq, 40 steps:
+    two eager runs are bitwise equal, graph vs eager 7e-6) and the tiny Swin's entropy
+    objective amplifies such differences several-fold per step: two eager dfq runs that
+    differ only in atomic-add order end 0.3 apart after 20 steps (H100). After 2 replays the
+    graph is 1.6e-4 from eager there, while a stale per-step input (jitter, crop box,
+    learning rate) would move pixels by up to lr = 0.25 per step.
+    """
+    net = MODELS[model]().cuda()
+    captures = []
+    capture = _Synthesizer._capture
+    monkeypatch.setattr(_Synthesizer, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
+    kw = dict(iterations=5, amp=False, **FAST)   # 3 eager warm-up steps, then 2 replays per phase
+    ref = make_source(name, cuda_graph=False, **kw).generate(net, 6, _ctx(device="cuda"))
+    assert not captures
+    out = make_source(name, cuda_graph=True, **kw).generate(net, 6, _ctx(device="cuda"))
+    assert len(captures) == (2 if name == "psaq" else 3)      # psaq: 2 rounds; dfq: 3 stages of 2 images
+    other_seed = make_source(name, cuda_graph=True, **kw).generate(net, 6, _ctx(seed=1, device="cuda"))
+    diff, scale = (out - ref).abs().mean().item(), (other_seed - ref).abs().mean().item()
+    print(f"{name}/{model}: graph vs eager {diff:.2e}, other seed {scale:.2e}")
+    assert diff < 1e-2 * scale
+
+
+@cuda
+def test_cuda_graph_with_hard_mining_stays_eager_in_mined_stages(vit, monkeypatch):
+    """Stages that mine against a quantized model run eagerly (with the capturable Adam)."""
+    net = copy.deepcopy(vit).cuda()
+    captures = []
+    capture = _Synthesizer._capture
+    monkeypatch.setattr(_Synthesizer, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
+    ctx = _ctx(device="cuda", quantize=lambda images: copy.deepcopy(net))
+    src = make_source("dfq", iterations=10, **FAST)
+    images = src.generate(net, 6, ctx)
+    assert src.stats["mined_stages"] == [2, 3] and len(captures) == 1
+    assert images.shape == (6, 1, 32, 32) and torch.isfinite(images).all()

@@ -24,6 +24,7 @@ Shared numerics (public, tested on their own):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -318,7 +319,7 @@ class _ConfigChecks:
             self._fail(f"window_entropy must be 'mean' or 'pool', got {self.window_entropy!r}")
         if self.compile_mode is not None and not isinstance(self.compile_mode, str):
             self._fail(f"compile_mode must be a torch.compile mode name or None, got {self.compile_mode!r}")
-        self._bool("patch_entropy", "tv_prior", "flip", "amp", "compile", "progress")
+        self._bool("patch_entropy", "tv_prior", "flip", "amp", "cuda_graph", "compile", "progress")
 
     @classmethod
     def build(cls, config=None, **overrides):
@@ -379,7 +380,8 @@ class PSAQSynthConfig(_ConfigChecks):
     kde_range: str = "batch"                   # PSAQ: min/max over the whole batch of one block
     window_entropy: str = "mean"               # Swin: "mean" of per-window entropies, or "pool"
     amp: bool = True                           # bf16 autocast, CUDA only
-    compile: bool = False
+    cuda_graph: bool = True                    # CUDA only: replay each step as a CUDA graph
+    compile: bool = False                      # torch.compile the step (then no cuda_graph)
     compile_mode: str | None = None            # torch.compile mode, e.g. "reduce-overhead" on CUDA
     progress: bool = True
     log_every: int = 20
@@ -444,6 +446,7 @@ class DFQSynthConfig(_ConfigChecks):
     kde_range: str = "batch"
     window_entropy: str = "mean"
     amp: bool = True
+    cuda_graph: bool = True
     compile: bool = False
     compile_mode: str | None = None
     progress: bool = True
@@ -526,6 +529,7 @@ class _Synthesizer:
                             "patch similarity from; set patch_entropy=False")
         self.lr = cfg.lr if cfg.lr is not None else (0.25 if _is_swin(model, self.taps) else 0.20)
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
+        self.graph = bool(cfg.cuda_graph) and self.device.type == "cuda" and not cfg.compile
         self.num_classes = self._num_classes()
         self._feats: list[torch.Tensor] = []
         self._objective_fn = self._objective
@@ -574,7 +578,8 @@ class _Synthesizer:
         xj = _roll_flip(x, off, flip)
         inp = torch.cat([xj, _local_crops(xj, crop)]) if crop is not None else xj
         self._feats.clear()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        # autocast's cast cache must be off for graph capture (each replay recasts the weights)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.graph):
             logits = self.model(inp)
         logits = logits.float()
         with torch.autocast(self.device.type, enabled=False):
@@ -595,17 +600,43 @@ class _Synthesizer:
         return loss, logits[:b], xj, torch.stack([ce, local, ent, tv])
 
     # -------------------------------------------------------------------- the loop
+    def _step(self, opt, x, y, off, flip, crop, tau, smoothing, qmodel):
+        """One optimisation step of the images (loss, backward, Adam, clip), with no host sync."""
+        loss, logits, xj, parts = self._objective_fn(x, y, off, flip, crop, tau, smoothing)
+        kl = torch.zeros((), device=x.device)
+        if qmodel is not None:
+            with torch.autocast(self.device.type, enabled=False):
+                kl = _kl_fp_q(logits, qmodel(xj))
+            loss = loss - self.cfg.hard_weight * kl
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(self.lo, self.hi)
+        return loss, parts, kl
+
     def run(self, x0: torch.Tensor, y: torch.Tensor, phases: list[_Phase], tau: float,
             gen: torch.Generator, pbar) -> tuple[torch.Tensor, dict]:
+        """Optimise ``x0`` through ``phases``.
+
+        With ``self.graph`` (CUDA, ``cuda_graph=True``, no ``compile``) each phase's step is
+        captured once as a CUDA graph after ``_GRAPH_WARMUP`` eager steps and replayed for the
+        rest: eager PyTorch spends most of a small ViT's step launching kernels, a replay
+        launches them all at once. The per-step inputs (jitter, flip, crop boxes, learning rate)
+        are copied into the graph's static tensors; Adam runs ``capturable`` with a tensor
+        learning rate. Phases with hard mining stay eager (the quantized model is not captured).
+        """
         cfg, dev = self.cfg, self.device
         b = x0.shape[0]
         x = x0.to(dev).requires_grad_(True)  # like PSAQ-ViT: clipped after every step, not before
         y = y.to(dev)
         tau_t = torch.tensor(float(tau), device=dev)
-        opt = torch.optim.Adam([x], lr=self.lr, betas=tuple(cfg.betas), eps=1e-8)
+        lr = torch.tensor(self.lr, device=dev) if self.graph else self.lr
+        opt = torch.optim.Adam([x], lr=lr, betas=tuple(cfg.betas), eps=1e-8, capturable=self.graph)
         parts = torch.zeros(4, device=dev)
         kl = torch.zeros((), device=dev)
         loss = torch.zeros((), device=dev)
+        # warm-up and capture share one side stream (autograd then keeps x's gradient on it)
+        stream = torch.cuda.Stream(dev) if self.graph else None
         handles = [t.proj.register_forward_pre_hook(self._hook) for t in self.taps]
         try:
             for phase in phases:
@@ -624,20 +655,29 @@ class _Synthesizer:
                 warmup = int(round(cfg.warmup_frac * n))
                 if phase.qmodel is not None:
                     phase.qmodel.to(dev)
+                graphed = self.graph and phase.qmodel is None and n > _GRAPH_WARMUP
+                step_inputs = (offs[0].clone(), flips[0].clone(), None if crops is None else crops[0].clone())
+                graph = None
                 for it in range(n):
-                    for group in opt.param_groups:
-                        group["lr"] = _cosine_lr(self.lr, it, n, warmup)
-                    opt.zero_grad(set_to_none=True)
-                    loss, logits, xj, parts = self._objective_fn(
-                        x, y, offs[it], flips[it], None if crops is None else crops[it], tau_t, smoothing)
-                    if phase.qmodel is not None:
-                        with torch.autocast(dev.type, enabled=False):
-                            kl = _kl_fp_q(logits, phase.qmodel(xj))
-                        loss = loss - cfg.hard_weight * kl
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        x.clamp_(self.lo, self.hi)
+                    lr_it = _cosine_lr(self.lr, it, n, warmup)
+                    if self.graph:
+                        opt.param_groups[0]["lr"].fill_(lr_it)
+                    else:
+                        opt.param_groups[0]["lr"] = lr_it
+                    if graphed and it >= _GRAPH_WARMUP:
+                        for static, per_step in zip(step_inputs, (offs, flips, crops)):
+                            if static is not None:
+                                static.copy_(per_step[it])
+                        if graph is None:
+                            graph, (loss, parts, kl) = self._capture(stream, opt, x, y, *step_inputs, tau_t,
+                                                                     smoothing)
+                        graph.replay()
+                    else:
+                        with _side_stream(stream if graphed else None):   # warm-up before a capture
+                            opt.zero_grad(set_to_none=True)
+                            loss, parts, kl = self._step(opt, x, y, offs[it], flips[it],
+                                                         None if crops is None else crops[it], tau_t, smoothing,
+                                                         phase.qmodel)
                     if pbar is not None:
                         pbar.update(1)
                         if it % cfg.log_every == 0 or it == n - 1:
@@ -648,6 +688,9 @@ class _Synthesizer:
                             if phase.qmodel is not None:
                                 post["kl"] = f"{kl.item():.3f}"
                             pbar.set_postfix(post, refresh=False)
+                # the graph's outputs live in its memory pool: keep copies, then free the pool
+                loss, parts, kl = loss.detach().clone(), parts.detach().clone(), kl.detach().clone()
+                del graph
         finally:
             for hd in handles:
                 hd.remove()
@@ -656,6 +699,30 @@ class _Synthesizer:
         stats = {"loss": float(loss.detach()), "ce": p[0], "local_ce": p[1], "entropy": p[2], "tv": p[3],
                  "kl": float(kl.detach())}
         return x.detach().clamp_(self.lo, self.hi).float().cpu(), stats
+
+    def _capture(self, stream, opt, x, *step_args):
+        """Capture one step as a CUDA graph on ``stream``; returns the graph and its (static) outputs."""
+        opt.zero_grad(set_to_none=True)   # the gradient is then allocated inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outputs = self._step(opt, x, *step_args, None)
+        return graph, outputs
+
+
+# eager steps before a phase's CUDA graph is captured (lazy initialisation: Adam's state, cuBLAS)
+_GRAPH_WARMUP = 3
+
+
+@contextlib.contextmanager
+def _side_stream(stream: torch.cuda.Stream | None):
+    """Run the block on ``stream`` (a CUDA side stream), or as it is when None."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 def _progress(cfg, total: int, name: str):
