@@ -321,3 +321,18 @@ def test_split_tensors_resize_and_channels(tiny_fmnist_dir):
     x, _ = split_tensors("test", cfg, data_dir=tiny_fmnist_dir)
     assert x.shape == (200, 3, 32, 32)
     torch.testing.assert_close(x[:, 0] * 0.2 + 0.5, x[:, 2] * 0.2 + 0.3)  # the same gray in every channel
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("banana", "unknown device 'banana'"),
+    pytest.param("cuda", "no usable CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                           reason="this machine has CUDA")),
+])
+def test_unavailable_device_is_refused_before_any_work(capsys, tmp_path, device, expected):
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", "--model", VIT, "--model-kwargs", *VIT_KW, "--device", device,
+              "--out", str(tmp_path / "s.safetensors")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: " in err and expected in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

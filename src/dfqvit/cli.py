@@ -41,6 +41,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
 
 
+def device_arg(value: str) -> str:
+    """``--device``: a torch device that this machine has (checked before any work starts)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{value!r}: this machine (torch {torch.__version__}) has no usable "
+                                             "CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s), numbered from 0")
+    elif device.type not in ("cpu", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"device {value!r} is not available here; use cpu or cuda")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help=f"built-in dataset ({FASHION_MNIST})")
@@ -48,7 +66,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found")
     g.add_argument("-b", "--batch-size", type=int, default=256)
     g.add_argument("-j", "--workers", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def add_results_args(p: argparse.ArgumentParser) -> None:
