@@ -400,3 +400,21 @@ def test_cuda_graph_with_hard_mining_stays_eager_in_mined_stages(vit, monkeypatc
     images = src.generate(net, 6, ctx)
     assert src.stats["mined_stages"] == [2, 3] and len(captures) == 1
     assert images.shape == (6, 1, 32, 32) and torch.isfinite(images).all()
+
+
+class _HostSyncing(nn.Module):
+    """A model whose forward reads a value back to the host: it cannot be graph-captured."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.num_classes = net, 10
+
+    def forward(self, x):
+        return self.net(x) * (1.0 + 0.0 * x.mean().item())
+
+
+@cuda
+def test_cuda_graph_capture_failure_says_how_to_turn_it_off(vit):
+    net = _HostSyncing(copy.deepcopy(vit)).cuda()
+    with pytest.raises(UserError, match="cuda_graph=False"):
+        make_source("psaq", iterations=5, patch_entropy=False, **FAST).generate(net, 2, _ctx(device="cuda"))

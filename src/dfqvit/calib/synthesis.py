@@ -704,8 +704,14 @@ class _Synthesizer:
         """Capture one step as a CUDA graph on ``stream``; returns the graph and its (static) outputs."""
         opt.zero_grad(set_to_none=True)   # the gradient is then allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outputs = self._step(opt, x, *step_args, None)
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                outputs = self._step(opt, x, *step_args, None)
+        except RuntimeError as e:   # e.g. a model whose forward waits on the host (.item(), .cpu())
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{type(self.model).__name__}'s synthesis step cannot be captured as a CUDA graph "
+                            f"({first_line}); rerun with cuda_graph=False (CLI: --synth-opts cuda_graph=False)"
+                            ) from None
         return graph, outputs
 
 
