@@ -47,6 +47,8 @@ def device_arg(value: str) -> str:
         device = torch.device(value)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"unknown device {value!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return value
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{value!r}: this machine (torch {torch.__version__}) has no usable "
@@ -54,9 +56,10 @@ def device_arg(value: str) -> str:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA "
                                              f"device(s), numbered from 0")
-    elif device.type not in ("cpu", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise argparse.ArgumentTypeError(f"device {value!r} is not available here; use cpu or cuda")
-    return value
+        return value
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return value
+    raise argparse.ArgumentTypeError(f"device {value!r} is not available here; use cpu or cuda")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

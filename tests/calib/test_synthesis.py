@@ -360,9 +360,17 @@ def test_compile_traces_the_step(vit, monkeypatch):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture
+def captures(monkeypatch):
+    """A list that gets one entry per CUDA-graph capture of the synthesis step."""
+    calls, capture = [], _Synthesizer._capture
+    monkeypatch.setattr(_Synthesizer, "_capture", lambda self, *a: calls.append(1) or capture(self, *a))
+    return calls
+
+
 @cuda
 @pytest.mark.parametrize("name,model", [("psaq", "vit"), ("dfq", "vit"), ("dfq", "swin")])
-def test_cuda_graph_replays_the_eager_step(name, model, monkeypatch):
+def test_cuda_graph_replays_the_eager_step(name, model, captures):
     """The captured step computes what the eager step computes (same seed, same images), and
     it is really captured: once per phase (PSAQ round / DFQ batch), not silently skipped.
 
@@ -374,9 +382,6 @@ def test_cuda_graph_replays_the_eager_step(name, model, monkeypatch):
     learning rate) would move pixels by up to lr = 0.25 per step.
     """
     net = MODELS[model]().cuda()
-    captures = []
-    capture = _Synthesizer._capture
-    monkeypatch.setattr(_Synthesizer, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
     kw = dict(iterations=5, amp=False, **FAST)   # 3 eager warm-up steps, then 2 replays per phase
     ref = make_source(name, cuda_graph=False, **kw).generate(net, 6, _ctx(device="cuda"))
     assert not captures
@@ -389,12 +394,9 @@ def test_cuda_graph_replays_the_eager_step(name, model, monkeypatch):
 
 
 @cuda
-def test_cuda_graph_with_hard_mining_stays_eager_in_mined_stages(vit, monkeypatch):
+def test_cuda_graph_with_hard_mining_stays_eager_in_mined_stages(vit, captures):
     """Stages that mine against a quantized model run eagerly (with the capturable Adam)."""
     net = copy.deepcopy(vit).cuda()
-    captures = []
-    capture = _Synthesizer._capture
-    monkeypatch.setattr(_Synthesizer, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
     ctx = _ctx(device="cuda", quantize=lambda images: copy.deepcopy(net))
     src = make_source("dfq", iterations=10, **FAST)
     images = src.generate(net, 6, ctx)

@@ -656,7 +656,9 @@ class _Synthesizer:
                 if phase.qmodel is not None:
                     phase.qmodel.to(dev)
                 graphed = self.graph and phase.qmodel is None and n > _GRAPH_WARMUP
-                step_inputs = (offs[0].clone(), flips[0].clone(), None if crops is None else crops[0].clone())
+                # the graph's per-step inputs: static tensors that each replay reads
+                step_inputs = (offs[0].clone(), flips[0].clone(),
+                               None if crops is None else crops[0].clone()) if graphed else None
                 graph = None
                 for it in range(n):
                     lr_it = _cosine_lr(self.lr, it, n, warmup)
@@ -688,9 +690,9 @@ class _Synthesizer:
                             if phase.qmodel is not None:
                                 post["kl"] = f"{kl.item():.3f}"
                             pbar.set_postfix(post, refresh=False)
-                # the graph's outputs live in its memory pool: keep copies, then free the pool
-                loss, parts, kl = loss.detach().clone(), parts.detach().clone(), kl.detach().clone()
-                del graph
+                if graph is not None:   # its outputs live in its memory pool: keep copies, free the pool
+                    loss, parts, kl = loss.detach().clone(), parts.detach().clone(), kl.detach().clone()
+                    del graph
         finally:
             for hd in handles:
                 hd.remove()
