@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ import torch
 from common import ROOT, markdown_table, mean_std, publish
 
 from dfqvit.acm import ACMConfig
+from dfqvit.calib.base import make_source
 from dfqvit.calib.cache import file_sha256, load_calibration_file, save_calibration_file, sidecar_path
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.models import load_model
@@ -64,7 +66,7 @@ TABLES = {
                  *(Method(label, "dfq", synth_opts=((switch, value),), mined=True) for label, switch, value in (
                      ("− E2H (1 stage, so no mining)", "e2h_stages", 1), ("− hard mining", "hard_mining", False),
                      ("− local crops", "local_crops", False), ("− patch entropy", "patch_entropy", False),
-                     ("− TV prior", "tv_prior", False))),
+                     ("− TV prior", "tv_prior", False), ("− smooth start (white noise)", "init_slope", 0.0))),
                  Method("real", "real")]),
 }
 
@@ -77,22 +79,32 @@ class Cell:
     seconds: list = field(default_factory=list)
 
 
+def config_digest(config) -> str:
+    """Short hash of the fields of a synthesis config that change the images."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("progress", "log_every")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:8]
+
+
 def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, size,
                   synth_opts: dict) -> tuple[torch.Tensor, float]:
     """(images, seconds it took to make them); synthesized sets are cached on disk, keyed by
-    ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images)."""
+    ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images) and
+    a digest of the whole synthesis config (so a changed default never reuses old images)."""
     tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
+    synthesized = method.calib in ("psaq", "dfq")
+    calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if synthesized
+                      else ({"data": FASHION_MNIST} if method.calib == "real" else {}))
+    source = make_source(calib.source, **calib.options)
     opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
-    path = CACHE / f"{model_tag}-{method.calib}{'-' + opts if opts else ''}-{tag}n{size}-s{seed}.safetensors"
+    digest = config_digest(source.config) if synthesized else ""
+    path = CACHE / f"{model_tag}-{method.calib}{'-' + opts if opts else ''}-{digest}-{tag}n{size}-s{seed}.safetensors"
     if path.exists():
         return load_calibration_file(path, data_config), json.loads(sidecar_path(path).read_text())["seconds"]
-    calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if method.calib in ("psaq", "dfq")
-                      else ({"data": FASHION_MNIST} if method.calib == "real" else {}))
     start = time.perf_counter()
-    images = calibration_images(model, data_config, qconfig, calib)
+    images = calibration_images(model, data_config, qconfig, calib, source=source)
     seconds = time.perf_counter() - start
-    if method.calib in ("psaq", "dfq"):
+    if synthesized:
         save_calibration_file(path, images, data_config, {"source": method.calib, "seed": seed, "seconds": seconds,
                                                           "options": synth_opts})
     return images, seconds

@@ -414,6 +414,8 @@ class DFQSynthConfig(_ConfigChecks):
     tensor; Q is a quantized copy calibrated on them, with straight-through gradients) and the
     images are pushed to where FP and Q disagree most while CE keeps the FP prediction on the
     target. No weights ever move. With ``e2h_stages=1`` there are no earlier images, so no mining.
+    Images start as noise with a ``1/f^init_slope`` amplitude spectrum (ours; PSAQ-ViT starts
+    from white noise): smooth starts give activations closer to real images' (docs/DESIGN.md).
     ``iterations`` is per stage (= per image): 32 images in 3 stages cost 3 x 100 steps on
     batches of ~11 images (x2 with local crops, which share the forward pass).
     """
@@ -424,6 +426,7 @@ class DFQSynthConfig(_ConfigChecks):
     lr: float | None = None                    # None: 0.20, 0.25 for Swin (as PSAQ-ViT)
     betas: tuple[float, float] = (0.5, 0.9)
     warmup_frac: float = 0.2
+    init_slope: float = 2.0                    # start: noise with amplitude ~ 1/f^slope (0: white, as PSAQ)
     balanced_labels: bool = True               # targets cycle through the classes (shuffled)
     ce_weight: float = 1.0
     label_smoothing: tuple[float, float] = (0.0, 0.1)   # easy -> hard
@@ -462,7 +465,7 @@ class DFQSynthConfig(_ConfigChecks):
         self._num("crop_max", 0.05, 1)
         if max(self.crop_scale) > self.crop_max:
             self._fail(f"crop_scale {self.crop_scale} must not exceed crop_max {self.crop_max}")
-        for name in ("local_weight", "hard_weight"):
+        for name in ("local_weight", "hard_weight", "init_slope"):
             self._num(name, 0)
         self._bool("balanced_labels", "local_crops", "hard_mining")
 
@@ -744,8 +747,18 @@ def _check_request(num_images: int):
         raise UserError(f"number of calibration images must be a positive integer, got {num_images!r}")
 
 
-def _random_init(gen: torch.Generator, n: int, input_size) -> torch.Tensor:
-    return torch.randn((n, *input_size), generator=gen)
+def _random_init(gen: torch.Generator, n: int, input_size, slope: float = 0.0) -> torch.Tensor:
+    """Starting images in the normalised input space: Gaussian noise whose amplitude spectrum
+    falls as ``1/f^slope`` (0: white noise, as PSAQ-ViT), each image rescaled to zero mean and
+    unit std. Images are optimised for only ~100 steps, so they keep much of their start."""
+    x = torch.randn((n, *input_size), generator=gen)
+    if slope == 0:
+        return x
+    h, w = input_size[1:]
+    radius = torch.hypot(torch.fft.fftfreq(h)[:, None], torch.fft.rfftfreq(w)[None, :])
+    x = torch.fft.irfft2(torch.fft.rfft2(x) / radius.clamp_min(1.0 / max(h, w)) ** slope, s=(h, w))
+    x = x - x.mean((1, 2, 3), keepdim=True)
+    return x / x.std((1, 2, 3), keepdim=True)
 
 
 def _scaled_px(px: float, input_size) -> int:
@@ -864,7 +877,7 @@ class DFQSource(CalibrationSource):
                     crop_lo = _lerp(cfg.crop_scale, t)
                     for start in range(0, n_stage, cfg.batch_size):
                         b = min(cfg.batch_size, n_stage - start)
-                        x0 = _random_init(gen, b, size)
+                        x0 = _random_init(gen, b, size, cfg.init_slope)
                         if cfg.balanced_labels:  # classes cycle over the whole set, shuffled per batch
                             done = sum(len(o) for o in out)
                             y = (torch.arange(done, done + b) % syn.num_classes)[torch.randperm(b, generator=gen)]
