@@ -35,6 +35,9 @@ from dfqvit.quant import QuantConfig
 CACHE = ROOT / "runs" / "calib-cache"
 
 
+SYNTHESIZED = ("psaq", "dfq")   # sources whose images are cached and timed
+
+
 @dataclass(frozen=True)
 class Method:
     label: str
@@ -62,7 +65,9 @@ TABLES = {
     # issue 4: each dfq component switched off alone (ACM off), between noise and real for scale.
     "components": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
-        methods=[Method("noise", "noise"), Method("dfq", "dfq", mined=True),
+        methods=[Method("noise", "noise"),
+                 Method("smooth noise", "noise", synth_opts=(("slope", 2.0),)),   # dfq's start, no steps
+                 Method("dfq", "dfq", mined=True),
                  *(Method(label, "dfq", synth_opts=((switch, value),), mined=True) for label, switch, value in (
                      ("− E2H (1 stage, so no mining)", "e2h_stages", 1), ("− hard mining", "hard_mining", False),
                      ("− local crops", "local_crops", False), ("− patch entropy", "patch_entropy", False),
@@ -92,9 +97,9 @@ def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, 
     a digest of the whole synthesis config (so a changed default never reuses old images)."""
     tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
-    synthesized = method.calib in ("psaq", "dfq")
+    synthesized = method.calib in SYNTHESIZED
     calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if synthesized
-                      else ({"data": FASHION_MNIST} if method.calib == "real" else {}))
+                      else ({"data": FASHION_MNIST} if method.calib == "real" else dict(method.synth_opts)))
     source = make_source(calib.source, **calib.options)
     opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
     digest = config_digest(source.config) if synthesized else ""
@@ -163,8 +168,9 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     images, made_in = cached_images(model, data_config, model_tag, m, mine_config, seed,
                                                     args.calib_size, synth_opts.get(m.calib, {}))
-                    timed_as = m.label if m.synth_opts else m.calib   # a synthesis variant is timed on its own
-                    synth_seconds.setdefault(timed_as, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
+                    if m.calib in SYNTHESIZED:
+                        timed_as = m.label if m.synth_opts else m.calib   # a synthesis variant is timed on its own
+                        synth_seconds.setdefault(timed_as, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
                     _, row, _ = run_quantization(model, data_config, qconfig,
                                                  CalibSpec(m.calib, len(images), seed, images=images),
                                                  evalset, acm=ACMConfig(kind=m.acm), progress=False)
@@ -180,8 +186,7 @@ def main(argv=None) -> int:
             rows.append([f"W{w}A{a}"] + [
                 f"{mean_std(c.top1)} / {mean_std(c.agreement)} / {mean_std(c.kl, 4)}"
                 for c in (cells[(w, a, m.label)] for m in methods)])
-        times = ", ".join(f"{src} {mean_std(list(v.values()), 1)} s" for src, v in synth_seconds.items()
-                          if src not in ("noise", "real"))
+        times = ", ".join(f"{src} {mean_std(list(v.values()), 1)} s" for src, v in synth_seconds.items())
         sections.append(f"**{model_name}** (FP32 top-1 {fp.top1:.2f}%) — each cell: top-1 % / agreement "
                         f"with FP32 % / KL(FP32‖Q) nats, mean ± std over seeds {args.seeds}"
                         + (f"; CPU synthesis time per {args.calib_size}-image set: {times}" if times else "")

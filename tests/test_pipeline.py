@@ -118,7 +118,11 @@ def test_cli_quantize_smoke(tmp_path, run_cli, assert_one_line_error):
 @pytest.mark.parametrize("flags,message", [(["--w-bits", "9"], "w_bits=9"), (["--a-bits", "1"], "a_bits=1"),
                                            (["--first-last-bits", "12"], "first_last_bits=12"),
                                            (["--include", "nothing.*"], "matches no quantizable module"),
-                                           (["--acm-ridge", "0"], "ridge must be positive")])
+                                           (["--acm-ridge", "0"], "ridge must be positive"),
+                                           (["--synth-opts", "slope=-1"], "noise slope must be"),
+                                           (["--synth-opts", "iterations=5"], "takes only the option slope"),
+                                           (["--calib", "real", "--synth-opts", "slope=2"],
+                                            "does not apply to --calib real")])
 def test_cli_bad_settings(tmp_path, capsys, assert_one_line_error, flags, message):
     """In process (``main`` is what the console script runs): exit 2, one line, no traceback."""
     from dfqvit.cli import main

@@ -225,8 +225,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-size", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--synth-opts", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="synthesis config fields for --calib dfq/psaq (switches for ablations), "
-                        "e.g. hard_mining=False iterations=200; see `dfqvit synth --help`")
+                   help="source options: synthesis config fields for --calib dfq/psaq (switches for "
+                        "ablations), e.g. hard_mining=False iterations=200 (see `dfqvit synth --help`); "
+                        "slope=S for --calib noise (0: white, the default; 2: smooth 1/f² noise)")
 
 
 def add_acm_args(p: argparse.ArgumentParser) -> None:
@@ -263,11 +264,11 @@ def calib_spec_from_args(args):
     if args.calib_size < 1:
         raise UserError("--calib-size must be at least 1")
     if args.calib == "real":
+        if args.synth_opts:
+            raise UserError("--synth-opts does not apply to --calib real (it takes --data or --data-dir)")
         options = {"data": args.data or (None if args.data_dir else FASHION_MNIST), "data_dir": args.data_dir}
     else:
         options = parse_kwargs(args.synth_opts)
-        if options and args.calib == "noise":
-            raise UserError("--synth-opts only applies to --calib dfq or psaq")
     return CalibSpec(source=args.calib, size=args.calib_size, seed=args.seed, options=options)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from dfqvit.calib import CALIBRATION_SOURCES, CalibrationContext, make_source
 from dfqvit.calib.base import valid_pixel_range
 from dfqvit.calib.synthesis import (
-    DFQSource, DFQSynthConfig, PSAQSource, PSAQSynthConfig, _local_crops, _random_init, _roll_flip, _Synthesizer,
+    DFQSource, DFQSynthConfig, PSAQSource, PSAQSynthConfig, _local_crops, _roll_flip, _Synthesizer,
     find_attention_taps, kde_differential_entropy, patch_similarity, similarity_entropy,
     total_variation, tv_target_range,
 )
@@ -135,31 +135,6 @@ def test_tv_and_target_scaling():
     assert tv_target_range((3, 224, 224), 32, imagenet_std) == pytest.approx((2500, 3000))
     lo, _ = tv_target_range((1, 32, 32), 8, (0.5,))
     assert lo == pytest.approx(2500 * math.sqrt(8 * 32 * 32 / (32 * 3 * 224 * 224)) * (sum(imagenet_std) / 3) / 0.5)
-
-
-def _radial_power(x: torch.Tensor) -> torch.Tensor:
-    """Mean power of ``x``'s spectrum in 4 rings of growing frequency (DC left out)."""
-    h, w = x.shape[-2:]
-    radius = torch.hypot(torch.fft.fftfreq(h)[:, None], torch.fft.fftfreq(w)[None, :])
-    power = torch.fft.fft2(x).abs().pow(2).mean((0, 1))
-    edges = torch.linspace(0, radius.max() + 1e-6, 5)
-    return torch.stack([power[(radius > lo) & (radius <= hi)].mean() for lo, hi in zip(edges, edges[1:])])
-
-
-def test_random_init_spectrum_slope():
-    white = _random_init(torch.Generator().manual_seed(0), 16, (2, 32, 24))
-    assert torch.equal(white, torch.randn((16, 2, 32, 24), generator=torch.Generator().manual_seed(0)))
-    flat = _radial_power(white)
-    assert flat.max() / flat.min() < 1.5                       # white noise: flat spectrum
-    for slope in (1.0, 2.0):
-        x = _random_init(torch.Generator().manual_seed(0), 16, (2, 32, 24), slope)
-        assert x.shape == (16, 2, 32, 24)
-        assert torch.allclose(x.mean((1, 2, 3)), torch.zeros(16), atol=1e-5)
-        assert torch.allclose(x.std((1, 2, 3)), torch.ones(16), atol=1e-5)
-        rings = _radial_power(x)
-        assert (rings[1:] < rings[:-1]).all()                  # power falls with frequency ...
-        # ... as 1/f^(2 slope): from ring 1 to ring 3 the frequency grows about 5x
-        assert 4 ** (2 * slope) / 2 < rings[0] / rings[2] < 8 ** (2 * slope)
 
 
 def test_jitter_is_roll_then_flip():

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .base import CalibrationContext, CalibrationSource, register_source, valid_pixel_range
+from .sources import noise_images
 
 __all__ = [
     "PSAQSynthConfig", "DFQSynthConfig", "PSAQSource", "DFQSource",
@@ -747,20 +748,6 @@ def _check_request(num_images: int):
         raise UserError(f"number of calibration images must be a positive integer, got {num_images!r}")
 
 
-def _random_init(gen: torch.Generator, n: int, input_size, slope: float = 0.0) -> torch.Tensor:
-    """Starting images in the normalised input space: Gaussian noise whose amplitude spectrum
-    falls as ``1/f^slope`` (0: white noise, as PSAQ-ViT), each image rescaled to zero mean and
-    unit std. Images are optimised for only ~100 steps, so they keep much of their start."""
-    x = torch.randn((n, *input_size), generator=gen)
-    if slope == 0:
-        return x
-    h, w = input_size[1:]
-    radius = torch.hypot(torch.fft.fftfreq(h)[:, None], torch.fft.rfftfreq(w)[None, :])
-    x = torch.fft.irfft2(torch.fft.rfft2(x) / radius.clamp_min(1.0 / max(h, w)) ** slope, s=(h, w))
-    x = x - x.mean((1, 2, 3), keepdim=True)
-    return x / x.std((1, 2, 3), keepdim=True)
-
-
 def _scaled_px(px: float, input_size) -> int:
     return int(round(px * min(input_size[1:]) / _REF_SIDE))
 
@@ -796,7 +783,7 @@ class PSAQSource(CalibrationSource):
             out, targets, batch_stats = [], [], []
             try:
                 for bi, b in enumerate(sizes):
-                    x0 = _random_init(gen, b, size)
+                    x0 = noise_images(gen, b, size)
                     y = torch.randint(0, syn.num_classes, (b,), generator=gen)
                     lo, hi = tv_target_range(size, b, syn.std, cfg.tv_target)
                     tau = lo + (hi - lo) * float(torch.rand((), generator=gen))
@@ -877,7 +864,7 @@ class DFQSource(CalibrationSource):
                     crop_lo = _lerp(cfg.crop_scale, t)
                     for start in range(0, n_stage, cfg.batch_size):
                         b = min(cfg.batch_size, n_stage - start)
-                        x0 = _random_init(gen, b, size, cfg.init_slope)
+                        x0 = noise_images(gen, b, size, cfg.init_slope)
                         if cfg.balanced_labels:  # classes cycle over the whole set, shuffled per batch
                             done = sum(len(o) for o in out)
                             y = (torch.arange(done, done + b) % syn.num_classes)[torch.randperm(b, generator=gen)]
