@@ -93,13 +93,14 @@ def test_calibration_is_seeded_and_reusable(model, data_config):
 def test_cli_quantize_smoke(tmp_path, run_cli, assert_one_line_error):
     out = tmp_path / "q"
     args = ["quantize", "--model", VIT_NAME, "--model-kwargs", *VIT_CLI_KWARGS,
-            "--calib", "noise", "--calib-size", "8", "--no-eval", "--out", out]
+            "--calib", "noise", "--synth-opts", "slope=2", "--calib-size", "8", "--no-eval", "--out", out]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     assert (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file()
     assert "saved to" in result.stdout and "weight bytes" in result.stdout
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["calibration"]["source"] == "noise" and meta["calibration"]["size"] == 8
+    assert meta["calibration"]["options"] == {"slope": 2}      # enough to make the same images again
     assert meta["quantization"]["w_bits"] == 4 and meta["model"]["name"] == VIT_NAME
     # the default ACM is saved resolved: W4A8 (8-bit activations) gets the full map, ridge 1
     assert (meta["acm"]["kind"], meta["acm"]["ridge"]) == ("full", 1.0)

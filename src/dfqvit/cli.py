@@ -301,7 +301,8 @@ def cmd_quantize(args) -> int:
     row = {"model": args.model, **row}
     if args.out:
         save_quantized(qmodel.cpu(), spec, qconfig, args.out, force=args.force,
-                       extra={"calibration": {"source": calib.source, "size": row["calib_size"], "seed": calib.seed},
+                       extra={"calibration": {"source": calib.source, "size": row["calib_size"], "seed": calib.seed,
+                                              "options": calib.options},
                               "acm": acm.to_dict(), "results": row})
     label = f"W{qconfig.w_bits}A{qconfig.a_bits} {qconfig.preset}" + (f" +ACM {acm.kind}" if acm.kind != "off" else "")
     table = [("", "FP32", label)]
