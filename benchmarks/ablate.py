@@ -36,6 +36,7 @@ CACHE = ROOT / "runs" / "calib-cache"
 
 
 SYNTHESIZED = ("psaq", "dfq")   # sources whose images are cached and timed
+SMOOTH = (("slope", 2.0),)      # smooth 1/f² noise: dfq's start, with no synthesis step
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,21 @@ TABLES = {
         methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "repq-vit", "psaq") for c in ("noise", "real")]),
     "calib": dict(
         settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
-        methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
-                 Method("real", "real")]),
+        methods=[Method("noise", "noise"), Method("smooth noise", "noise", synth_opts=SMOOTH),
+                 Method("psaq", "psaq"), Method("dfq", "dfq", mined=True), Method("real", "real")]),
     "acm": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
-        methods=[Method("noise", "noise"), Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
+        methods=[Method("noise", "noise"), Method("smooth noise", "noise", synth_opts=SMOOTH),
+                 Method("smooth noise + ACM diag", "noise", acm="diag", synth_opts=SMOOTH),
+                 Method("smooth noise + ACM full", "noise", acm="full", synth_opts=SMOOTH),
+                 Method("psaq", "psaq"), Method("dfq", "dfq", mined=True),
                  Method("dfq + ACM diag", "dfq", acm="diag", mined=True),
                  Method("dfq + ACM full", "dfq", acm="full", mined=True), Method("real", "real"),
                  Method("real + ACM diag", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
     # issue 4: each dfq component switched off alone (ACM off), between noise and real for scale.
     "components": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
-        methods=[Method("noise", "noise"),
-                 Method("smooth noise", "noise", synth_opts=(("slope", 2.0),)),   # dfq's start, no steps
+        methods=[Method("noise", "noise"), Method("smooth noise", "noise", synth_opts=SMOOTH),
                  Method("dfq", "dfq", mined=True),
                  *(Method(label, "dfq", synth_opts=((switch, value),), mined=True) for label, switch, value in (
                      ("− E2H (1 stage, so no mining)", "e2h_stages", 1), ("− hard mining", "hard_mining", False),
@@ -99,7 +102,7 @@ def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, 
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
     synthesized = method.calib in SYNTHESIZED
     calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if synthesized
-                      else ({"data": FASHION_MNIST} if method.calib == "real" else dict(method.synth_opts)))
+                      else ({"data": FASHION_MNIST} if method.calib == "real" else synth_opts))
     source = make_source(calib.source, **calib.options)
     opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
     digest = config_digest(source.config) if synthesized else ""

@@ -33,7 +33,6 @@ def test_noise_images_spectrum_slope():
         assert 4 ** (2 * slope) / 2 < rings[0] / rings[2] < 8 ** (2 * slope)
 
 
-
 def test_noise_source_white_by_default_smooth_with_slope():
     ctx = CalibrationContext(data_config={"input_size": (1, 28, 28)}, seed=3)
     white = make_source("noise").generate(None, 8, ctx)
