@@ -9,6 +9,7 @@ Examples::
     python benchmarks/ablate.py --table ptq        # issue 3: noise/real × presets × bit-widths
     python benchmarks/ablate.py --table acm        # issue 5: noise, psaq, dfq ± ACM, real ± ACM
     python benchmarks/ablate.py --table acm --write   # also update docs/RESULTS.md
+    python benchmarks/ablate.py --table acm-variants   # issue 5: the ACM's ridge, placement and target
     python benchmarks/ablate.py --table components   # issue 4: dfq with each component off
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Method:
     preset: str = "repq"
     synth_opts: tuple = ()
     mined: bool = False   # images depend on the quantization setting (hard-example mining)
+    acm_opts: tuple = ()  # ACMConfig fields besides the kind: where, target, ridge
 
 
 TABLES = {
@@ -66,6 +68,14 @@ TABLES = {
                  Method("dfq + ACM diag", "dfq", acm="diag", mined=True),
                  Method("dfq + ACM full", "dfq", acm="full", mined=True), Method("real", "real"),
                  Method("real + ACM diag", "real", acm="diag"), Method("real + ACM full", "real", acm="full")]),
+    # issue 5: where the full map misses its bar (W3A8), the ACM's other options on the same dfq images.
+    "acm-variants": dict(
+        settings=[(3, 8)],
+        methods=[Method("dfq", "dfq", mined=True), Method("dfq + ACM full", "dfq", acm="full", mined=True),
+                 *(Method(f"dfq + ACM full, {label}", "dfq", acm="full", mined=True, acm_opts=opts) for label, opts in (
+                     ("ridge 0.3", (("ridge", 0.3),)), ("ridge 3", (("ridge", 3.0),)),
+                     ("branches", (("where", "branch"),)), ("fp-module target", (("target", "fp_module"),)))),
+                 Method("real", "real"), Method("real + ACM full", "real", acm="full")]),
     # issue 4: each dfq component switched off alone (ACM off), between noise and real for scale.
     "components": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],
@@ -176,7 +186,8 @@ def main(argv=None) -> int:
                         synth_seconds.setdefault(timed_as, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in
                     _, row, _ = run_quantization(model, data_config, qconfig,
                                                  CalibSpec(m.calib, len(images), seed, images=images),
-                                                 evalset, acm=ACMConfig(kind=m.acm), progress=False)
+                                                 evalset, acm=ACMConfig(kind=m.acm, **dict(m.acm_opts)),
+                                                 progress=False)
                     cell.top1.append(row["top1"])
                     cell.agreement.append(row["agreement"])
                     cell.kl.append(row["kl"])
