@@ -17,6 +17,7 @@ from torch import nn
 
 from dfqvit.calib import CALIBRATION_SOURCES, CalibrationContext, make_source
 from dfqvit.calib.base import valid_pixel_range
+from dfqvit.calib.sources import noise_images
 from dfqvit.calib.synthesis import (
     DFQSource, DFQSynthConfig, PSAQSource, PSAQSynthConfig, _local_crops, _roll_flip, _Synthesizer,
     find_attention_taps, kde_differential_entropy, patch_similarity, similarity_entropy,
@@ -231,8 +232,10 @@ def test_model_left_as_found(name):
 def test_short_run_lowers_ce(name, kw, vit):
     src = make_source(name, **kw, **FAST)
     images = src.generate(vit, 12, _ctx())
+    optimised = src.targets >= 0                     # dfq keeps some starts unoptimised (target -1)
     noise = make_source("noise").generate(vit, 12, _ctx()).clamp(-1, 1)
-    assert _ce(vit, images, src.targets) < _ce(vit, noise, src.targets) - 0.3
+    targets = src.targets[optimised]
+    assert _ce(vit, images[optimised], targets) < _ce(vit, noise[optimised], targets) - 0.3
 
 
 @pytest.mark.parametrize("name", ["psaq", "dfq"])
@@ -294,7 +297,7 @@ def _fake_quantize(model, bits=3):
 
 def test_hard_mining_uses_quantized_model(vit):
     quantize = _fake_quantize(vit)
-    src = make_source("dfq", iterations=10, **FAST)
+    src = make_source("dfq", iterations=10, start_share=0.0, **FAST)
     x = src.generate(vit, 9, _ctx(quantize=quantize))
     assert quantize.calls == [3, 6]                       # re-calibrated on all images made so far
     assert src.stats["stage_sizes"] == [3, 3, 3] and src.stats["mined_stages"] == [2, 3]
@@ -302,19 +305,34 @@ def test_hard_mining_uses_quantized_model(vit):
     assert x.shape == (9, 1, 32, 32)
     assert all(not t.proj._forward_pre_hooks for t in find_attention_taps(vit))
     # the switch turns it off; without ctx.quantize there is nothing to mine against
-    off = make_source("dfq", iterations=10, hard_mining=False, **FAST)
+    off = make_source("dfq", iterations=10, hard_mining=False, start_share=0.0, **FAST)
     off.generate(vit, 9, _ctx(quantize=quantize))
     assert off.stats["mined_stages"] == [] and quantize.calls == [3, 6]
 
 
 def test_e2h_order_and_ablation_switches(vit):
     src = make_source("dfq", iterations=5, local_crops=False, patch_entropy=False, tv_prior=False,
-                      e2h_stages=2, **FAST)
+                      e2h_stages=2, start_share=0.0, **FAST)
     x = src.generate(vit, 5, _ctx())
     assert x.shape == (5, 1, 32, 32) and src.stats["stage_sizes"] == [3, 2]
     assert src.stats["last_batch"]["entropy"] == 0 and src.stats["last_batch"]["local_ce"] == 0
     # balanced labels: classes cycle over the whole set, stage by stage
     assert sorted(src.targets.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_unoptimised_starts_come_first_and_are_seen_by_mining(vit):
+    quantize = _fake_quantize(vit)
+    src = make_source("dfq", iterations=5, start_share=0.25, **FAST)
+    x = src.generate(vit, 12, _ctx(quantize=quantize))
+    assert x.shape == (12, 1, 32, 32) and src.stats["unoptimised_starts"] == 3
+    assert src.stats["stage_sizes"] == [3, 3, 3] and quantize.calls == [6, 9]
+    assert src.targets[:3].tolist() == [-1] * 3 and (src.targets[3:] >= 0).all()
+    # the starts are exactly the first images the same seed draws when nothing is synthesized
+    lo, hi = valid_pixel_range(DATA_CONFIG)
+    assert torch.equal(x[:3], noise_images(torch.Generator().manual_seed(0), 3, (1, 32, 32), 2.0).clamp(lo, hi))
+    # a tiny set still synthesizes one image
+    one = make_source("dfq", iterations=2, start_share=0.9, **FAST)
+    assert one.generate(vit, 2, _ctx()).shape[0] == 2 and one.stats["unoptimised_starts"] == 1
 
 
 @pytest.mark.parametrize("name,bad", [
@@ -323,6 +341,7 @@ def test_e2h_order_and_ablation_switches(vit):
     ("dfq", {"e2h_stages": 0}), ("dfq", {"crop_scale": (0.5, 2.0)}), ("dfq", {"local_crops": "yes"}),
     ("dfq", {"unknown_field": 1}), ("dfq", {"batch_size": 1.5}), ("dfq", {"betas": (0.5,)}),
     ("dfq", {"cuda_graph": "yes"}), ("psaq", {"cuda_graph": 1}), ("dfq", {"init_slope": -1.0}),
+    ("dfq", {"start_share": 1.0}), ("dfq", {"start_share": -0.1}),
 ])
 def test_bad_config_raises_user_error(name, bad):
     with pytest.raises(UserError):
@@ -386,7 +405,7 @@ def test_cuda_graph_replays_the_eager_step(name, model, captures):
     ref = make_source(name, cuda_graph=False, **kw).generate(net, 6, _ctx(device="cuda"))
     assert not captures
     out = make_source(name, cuda_graph=True, **kw).generate(net, 6, _ctx(device="cuda"))
-    assert len(captures) == (2 if name == "psaq" else 3)      # psaq: 2 rounds; dfq: 3 stages of 2 images
+    assert len(captures) == (2 if name == "psaq" else 3)      # psaq: 2 rounds; dfq: 3 stages, one batch each
     other_seed = make_source(name, cuda_graph=True, **kw).generate(net, 6, _ctx(seed=1, device="cuda"))
     diff, scale = (out - ref).abs().mean().item(), (other_seed - ref).abs().mean().item()
     print(f"{name}/{model}: graph vs eager {diff:.2e}, other seed {scale:.2e}")

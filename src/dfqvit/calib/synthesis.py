@@ -419,6 +419,8 @@ class DFQSynthConfig(_ConfigChecks):
     from white noise): smooth starts give activations closer to real images' (docs/DESIGN.md).
     ``iterations`` is per stage (= per image): 32 images in 3 stages cost 3 x 100 steps on
     batches of ~11 images (x2 with local crops, which share the forward pass).
+    ``start_share`` (ours) keeps ``round(N * start_share)`` images as their smooth starts, with
+    no optimisation at all: E2H's easiest level, placed first, seen by the mining stages' Q.
     """
 
     iterations: int = 100                      # per stage (each image sees this many steps)
@@ -428,6 +430,7 @@ class DFQSynthConfig(_ConfigChecks):
     betas: tuple[float, float] = (0.5, 0.9)
     warmup_frac: float = 0.2
     init_slope: float = 2.0                    # start: noise with amplitude ~ 1/f^slope (0: white, as PSAQ)
+    start_share: float = 0.25                  # share of the N images left as their starts, unoptimised
     balanced_labels: bool = True               # targets cycle through the classes (shuffled)
     ce_weight: float = 1.0
     label_smoothing: tuple[float, float] = (0.0, 0.1)   # easy -> hard
@@ -468,6 +471,9 @@ class DFQSynthConfig(_ConfigChecks):
             self._fail(f"crop_scale {self.crop_scale} must not exceed crop_max {self.crop_max}")
         for name in ("local_weight", "hard_weight", "init_slope"):
             self._num(name, 0)
+        self._num("start_share", 0, 1)
+        if self.start_share >= 1:
+            self._fail(f"start_share must be below 1 (got {self.start_share}): some images must be synthesized")
         self._bool("balanced_labels", "local_crops", "hard_mining")
 
 
@@ -817,7 +823,7 @@ class DFQSource(CalibrationSource):
     def __init__(self, config: DFQSynthConfig | dict | None = None, **overrides):
         self.config = self.config_class.build(config, **overrides)
         self.stats: dict = {}
-        self.targets: torch.Tensor | None = None   # the target class of every image, after generate
+        self.targets: torch.Tensor | None = None   # every image's target class (-1: a start), after generate
 
     @staticmethod
     def stage_sizes(num_images: int, stages: int) -> list[int]:
@@ -840,7 +846,8 @@ class DFQSource(CalibrationSource):
         cfg = self.config
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(int(ctx.seed))
-        stages = self.stage_sizes(num_images, cfg.e2h_stages)
+        n_starts = min(round(num_images * cfg.start_share), num_images - 1)   # at least one image is synthesized
+        stages = self.stage_sizes(num_images - n_starts, cfg.e2h_stages)
         n_batches = sum(math.ceil(n / cfg.batch_size) for n in stages)
         with _FrozenModel(model):
             syn = _Synthesizer(model, cfg, ctx, self.name)
@@ -849,6 +856,9 @@ class DFQSource(CalibrationSource):
         out: list[torch.Tensor] = []
         targets: list[torch.Tensor] = []
         batch_stats, quantize_s, mined = [], 0.0, []
+        if n_starts:
+            out.append(noise_images(gen, n_starts, size, cfg.init_slope).clamp(syn.lo.cpu(), syn.hi.cpu()))
+            targets.append(torch.full((n_starts,), -1))   # no target class: never optimised
         try:
             for s, n_stage in enumerate(stages):
                 if n_stage == 0:
@@ -885,7 +895,7 @@ class DFQSource(CalibrationSource):
             if pbar is not None:
                 pbar.close()
         self.stats = {"seconds": time.perf_counter() - t0, "quantize_seconds": quantize_s, "images": num_images,
-                      "stage_sizes": stages, "mined_stages": mined, "batches": len(batch_stats),
+                      "unoptimised_starts": n_starts, "stage_sizes": stages, "mined_stages": mined, "batches": len(batch_stats),
                       "steps": len(batch_stats) * cfg.iterations, "last_batch": batch_stats[-1]}
         self.targets = torch.cat(targets)
         return torch.cat(out)
