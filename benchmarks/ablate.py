@@ -85,7 +85,7 @@ TABLES = {
                      ("− E2H (1 stage, so no mining)", "e2h_stages", 1), ("− hard mining", "hard_mining", False),
                      ("− local crops", "local_crops", False), ("− patch entropy", "patch_entropy", False),
                      ("− TV prior", "tv_prior", False), ("− smooth start (white noise)", "init_slope", 0.0),
-                     ("+ 1/4 unoptimised starts", "start_share", 0.25))),
+                     ("− unoptimised starts", "start_share", 0.0))),
                  Method("real", "real")]),
 }
 
