@@ -281,13 +281,17 @@ class _ConfigChecks:
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             self._fail(f"{name} must be an integer >= {low}, got {v!r}")
 
-    def _num(self, name: str, low: float, high: float = math.inf, *, allow_none=False, open_low=False):
+    def _num(self, name: str, low: float, high: float = math.inf, *, allow_none=False, open_low=False,
+             open_high=False):
         v = getattr(self, name)
         if v is None and allow_none:
             return
-        above_low = (low < v if open_low else low <= v) if isinstance(v, (int, float)) else False
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not above_low or v > high:
-            self._fail(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}], got {v!r}")
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        above_low = number and (low < v if open_low else low <= v)
+        below_high = number and (v < high if open_high else v <= high)
+        if not (above_low and below_high):
+            self._fail(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}, "
+                       f"got {v!r}")
 
     def _pair(self, name: str, low: float, high: float = math.inf):
         v = getattr(self, name)
@@ -471,9 +475,7 @@ class DFQSynthConfig(_ConfigChecks):
             self._fail(f"crop_scale {self.crop_scale} must not exceed crop_max {self.crop_max}")
         for name in ("local_weight", "hard_weight", "init_slope"):
             self._num(name, 0)
-        self._num("start_share", 0, 1)
-        if self.start_share >= 1:
-            self._fail(f"start_share must be below 1 (got {self.start_share}): some images must be synthesized")
+        self._num("start_share", 0, 1, open_high=True)   # below 1: some images must be synthesized
         self._bool("balanced_labels", "local_crops", "hard_mining")
 
 
@@ -895,7 +897,7 @@ class DFQSource(CalibrationSource):
             if pbar is not None:
                 pbar.close()
         self.stats = {"seconds": time.perf_counter() - t0, "quantize_seconds": quantize_s, "images": num_images,
-                      "unoptimised_starts": n_starts, "stage_sizes": stages, "mined_stages": mined, "batches": len(batch_stats),
-                      "steps": len(batch_stats) * cfg.iterations, "last_batch": batch_stats[-1]}
+                      "unoptimised_starts": n_starts, "stage_sizes": stages, "mined_stages": mined,
+                      "batches": len(batch_stats), "steps": len(batch_stats) * cfg.iterations, "last_batch": batch_stats[-1]}
         self.targets = torch.cat(targets)
         return torch.cat(out)
