@@ -48,7 +48,7 @@ class Method:
     preset: str = "repq"
     synth_opts: tuple = ()
     mined: bool = False   # images depend on the quantization setting (hard-example mining)
-    acm_opts: tuple = ()  # ACMConfig fields besides the kind: where, target, ridge
+    acm_opts: tuple = ()  # ACMConfig fields besides the kind: where, target, ridge, noise_share
 
 
 TABLES = {
@@ -73,9 +73,11 @@ TABLES = {
         settings=[(3, 8)],
         methods=[Method("dfq", "dfq", mined=True), Method("dfq + ACM full", "dfq", acm="full", mined=True),
                  *(Method(f"dfq + ACM full, {label}", "dfq", acm="full", mined=True, acm_opts=opts) for label, opts in (
+                     ("no noise", (("noise_share", 0.0),)), ("noise 1", (("noise_share", 1.0),)),
                      ("ridge 0.3", (("ridge", 0.3),)), ("ridge 3", (("ridge", 3.0),)),
                      ("branches", (("where", "branch"),)), ("fp-module target", (("target", "fp_module"),)))),
-                 Method("real", "real"), Method("real + ACM full", "real", acm="full")]),
+                 Method("real", "real"), Method("real + ACM full", "real", acm="full"),
+                 Method("real + ACM full, no noise", "real", acm="full", acm_opts=(("noise_share", 0.0),))]),
     # issue 4: each dfq component switched off alone (ACM off), between noise and real for scale.
     "components": dict(
         settings=[(3, 8), (4, 8), (4, 4), (6, 6)],

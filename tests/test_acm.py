@@ -9,7 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from dfqvit.acm import ACMConfig, ActivationCorrection, Corrected, correction_cost, correction_points, fit_corrections
+from dfqvit.acm import (ACMConfig, ActivationCorrection, Corrected, correction_cost, correction_points,
+                        fit_corrections, fit_images)
+from dfqvit.calib.sources import noise_images
 from dfqvit.errors import UserError
 from dfqvit.quant import QuantConfig, quantize
 from dfqvit.quant.primitives import sqnr_db
@@ -92,7 +94,8 @@ def test_lowers_error_on_calibration_and_held_out(spec, where):
     calib, held_out = noise(48, 10), noise(32, 11)
     qmodel, _ = quantize(fp, QuantConfig(w_bits=4, a_bits=4), calib)
     plain = copy.deepcopy(qmodel)
-    summary = fit_corrections(qmodel, fp, calib, ACMConfig(kind="full", where=where), progress=False)
+    # held-out images from the calibration images' distribution: fit on those alone
+    summary = fit_corrections(qmodel, fp, calib, ACMConfig(kind="full", where=where, noise_share=0.0), progress=False)
     assert len(summary["points"]) == (len(correction_points(fp, "block")) * (1 if where == "block" else 2))
     assert all(after < before for before, after in zip(summary["mse_before"], summary["mse_after"]))
     with torch.no_grad():
@@ -103,6 +106,53 @@ def test_lowers_error_on_calibration_and_held_out(spec, where):
         err_plain = (block_outputs(plain, held_out)[-1] - block_outputs(fp, held_out)[-1]).pow(2).mean()
         err_acm = (block_outputs(qmodel, held_out)[-1] - block_outputs(fp, held_out)[-1]).pow(2).mean()
         assert err_acm < err_plain
+
+
+def test_fit_images_append_smooth_noise_inside_the_images_range():
+    images = noise(8, 0).clamp(-1.0, 2.0)
+    images[:, 1] *= 0.5                                     # a per-channel range
+    widened = fit_images(images, 0.5, seed=3)
+    assert len(widened) == 12 and torch.equal(widened[:8], images)
+    extra = widened[8:]
+    for c in range(3):
+        assert images[:, c].min() <= extra[:, c].min() and extra[:, c].max() <= images[:, c].max()
+    # smooth: neighbouring pixels are far more alike than in the white-noise images
+    def roughness(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean() / x.std()
+    assert roughness(extra) < 0.5 * roughness(images)
+    assert torch.equal(fit_images(images, 0.5, seed=3), widened)
+    assert not torch.equal(fit_images(images, 0.5, seed=4)[8:], extra)
+    assert fit_images(images, 0.0) is images
+    # not a copy of dfq's unoptimised starts, which come from the same seed
+    starts = noise_images(torch.Generator().manual_seed(3), 4, (3, 32, 32), slope=2.0)
+    assert not torch.allclose(extra, starts.clamp(images.amin((0, 2, 3), keepdim=True),
+                                                  images.amax((0, 2, 3), keepdim=True)))
+
+
+@pytest.mark.parametrize("kind, share, fitted", [("full", None, 12), ("diag", None, 8), ("full", 0.0, 8),
+                                                 ("diag", 1.0, 16)])
+def test_noise_share_defaults_by_kind(kind, share, fitted):
+    fp = make(DEIT)
+    qmodel, _ = quantize(fp, QuantConfig(w_bits=4, a_bits=8), noise(8, 0))
+    summary = fit_corrections(qmodel, fp, noise(8, 0), ACMConfig(kind=kind, noise_share=share), progress=False)
+    assert summary["fit_images"] == fitted
+    assert summary["config"].noise_share == (share if share is not None else {"full": 0.5, "diag": 0.0}[kind])
+
+
+def test_noise_changes_the_fit_only_through_its_images():
+    """The seed draws the noise images: same seed, same map; no noise, no dependence on it."""
+    fp = make(DEIT)
+    calib = noise(8, 0)
+    qmodel, _ = quantize(fp, QuantConfig(w_bits=3, a_bits=8), calib)
+    weights = {}
+    for share, seed in ((0.5, 0), (0.5, 0), (0.5, 1), (0.0, 0), (0.0, 1)):
+        q = copy.deepcopy(qmodel)
+        fit_corrections(q, fp, calib, ACMConfig(kind="full", noise_share=share), progress=False, seed=seed)
+        weights.setdefault((share, seed), []).append(q.blocks[0].acm.weight.clone())
+    assert torch.equal(*weights[(0.5, 0)])
+    assert not torch.allclose(weights[(0.5, 0)][0], weights[(0.5, 1)][0])
+    assert torch.equal(weights[(0.0, 0)][0], weights[(0.0, 1)][0])
+    assert not torch.allclose(weights[(0.5, 0)][0], weights[(0.0, 0)][0])
 
 
 def test_fp_module_target():
@@ -140,7 +190,8 @@ def test_cost_is_reported():
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="matrix"), dict(where="everywhere"), dict(target="real"),
-                                    dict(ridge=0.0), dict(ridge=-1.0)])
+                                    dict(ridge=0.0), dict(ridge=-1.0), dict(noise_share=-0.5),
+                                    dict(noise_share=float("nan"))])
 def test_bad_settings(kwargs):
     with pytest.raises(UserError):
         ACMConfig(**kwargs)
@@ -162,9 +213,10 @@ def test_auto_kind_follows_activation_bits(a_bits, kind, ridge):
 
 
 def test_explicit_ridge_and_kind_are_kept():
-    assert ACMConfig(kind="full", ridge=0.05).resolved(4) == ACMConfig(kind="full", ridge=0.05)
+    assert ACMConfig(kind="full", ridge=0.05).resolved(4) == ACMConfig(kind="full", ridge=0.05, noise_share=0.5)
     assert ACMConfig(kind="diag").resolved(8).ridge == 1e-2
-    assert ACMConfig(ridge=3.0).resolved(8) == ACMConfig(kind="full", ridge=3.0)
+    assert ACMConfig(ridge=3.0).resolved(8) == ACMConfig(kind="full", ridge=3.0, noise_share=0.5)
+    assert ACMConfig(noise_share=2.0).resolved(4) == ACMConfig(kind="diag", ridge=1e-2, noise_share=2.0)
 
 
 def test_auto_needs_a_quantized_model():

@@ -120,6 +120,7 @@ def test_cli_quantize_smoke(tmp_path, run_cli, assert_one_line_error):
                                            (["--first-last-bits", "12"], "first_last_bits=12"),
                                            (["--include", "nothing.*"], "matches no quantizable module"),
                                            (["--acm-ridge", "0"], "ridge must be positive"),
+                                           (["--acm-noise-share", "-1"], "noise share must be a number >= 0"),
                                            (["--synth-opts", "slope=-1"], "noise slope must be"),
                                            (["--synth-opts", "iterations=5"], "takes only the option slope"),
                                            (["--calib", "real", "--synth-opts", "slope=2"],

@@ -14,6 +14,11 @@ The default kind, ``auto``, picks by the activation bit-width (measured, docs/RE
 with 8-bit activations what is left is mostly weight-quantization error ``x·ΔWᵀ``, which mixes
 channels, so a ``full`` map pays off; with fewer bits the per-channel activation error
 dominates and a ``full`` map fitted on synthetic images overfits them, so ``diag``.
+
+A full map is fitted on the calibration images plus ``noise_share·N`` smooth ``1/f²`` noise
+images (ours; dfq's starting point, kept inside the calibration images' pixel range). A map
+fitted on synthetic images alone also learns their narrow statistics; the noise widens the
+inputs it must hold on, so what it learns is more of the weights' error, which any input shows.
 """
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ ACM_TARGETS = ("fp", "fp_module")
 # Ridge strengths measured best when the map is fitted on synthetic (dfq) images: a full map
 # needs strong shrinkage toward the identity to carry over to real images, a diag map does not.
 DEFAULT_RIDGE = {"full": 1.0, "diag": 1e-2}
+# Smooth-noise images added to the fit, as a share of the calibration images: measured to help
+# the full map on synthetic images (W3A8) and to leave the diag map where it was, so 0 there.
+DEFAULT_NOISE_SHARE = {"full": 0.5, "diag": 0.0}
+# dfq draws its unoptimised starts from ``seed`` itself; the fit's noise must not repeat them.
+NOISE_SEED_OFFSET = 1000
 FULL_FROM_A_BITS = 8
 
 
@@ -44,6 +54,8 @@ class ACMConfig:
     where: str = "block"
     target: str = "fp"
     ridge: float | None = None   # relative to the mean diagonal of AᵀA; None: DEFAULT_RIDGE[kind]
+    noise_share: float | None = None   # smooth-noise images added to the fit per calibration image;
+                                       # None: DEFAULT_NOISE_SHARE[kind]
     batch_size: int = 32
 
     def __post_init__(self):
@@ -53,13 +65,17 @@ class ACMConfig:
                 raise UserError(f"ACM {name} {value!r} is not one of {', '.join(allowed)}")
         if self.ridge is not None and not self.ridge > 0:
             raise UserError(f"ACM ridge must be positive (got {self.ridge})")
+        if self.noise_share is not None and not self.noise_share >= 0:
+            raise UserError(f"ACM noise share must be a number >= 0 (got {self.noise_share}); 0 fits on "
+                            "the calibration images alone")
 
     def resolved(self, a_bits: int | None) -> ACMConfig:
-        """The concrete kind and ridge used for a model quantized with ``a_bits`` activations
-        (``a_bits`` matters only for ``auto``)."""
+        """The concrete kind, ridge and noise share used for a model quantized with ``a_bits``
+        activations (``a_bits`` matters only for ``auto``)."""
         kind = self.kind if self.kind != "auto" else ("full" if a_bits >= FULL_FROM_A_BITS else "diag")
         ridge = self.ridge if self.ridge is not None else DEFAULT_RIDGE.get(kind)
-        return replace(self, kind=kind, ridge=ridge)
+        noise_share = self.noise_share if self.noise_share is not None else DEFAULT_NOISE_SHARE.get(kind, 0.0)
+        return replace(self, kind=kind, ridge=ridge, noise_share=noise_share)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,20 +223,38 @@ def activation_bits(qmodel: nn.Module) -> int:
     return counts.most_common(1)[0][0]
 
 
+def fit_images(images: torch.Tensor, noise_share: float, seed: int = 0) -> torch.Tensor:
+    """The calibration images followed by ``round(noise_share·N)`` smooth ``1/f²`` noise images,
+    clipped per channel to the calibration images' own range (for synthesized images, the
+    valid pixel range); the noise depends only on ``seed``, drawn apart from dfq's starts."""
+    from .calib.sources import noise_images   # dfqvit.quant imports this module at load time
+
+    n = round(noise_share * len(images))
+    if n == 0:
+        return images
+    dims = [0, *range(2, images.dim())]
+    lo, hi = images.amin(dims, keepdim=True), images.amax(dims, keepdim=True)
+    gen = torch.Generator().manual_seed(int(seed) + NOISE_SEED_OFFSET)
+    noise = noise_images(gen, n, tuple(images.shape[1:]), slope=2.0)
+    return torch.cat([images, noise.to(images).clamp(lo, hi)])
+
+
 @torch.no_grad()
 def fit_corrections(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, config: ACMConfig,
-                    device: str = "cpu", progress: bool = True) -> dict:
+                    device: str = "cpu", progress: bool = True, seed: int = 0) -> dict:
     """Insert and fit the corrections of ``config`` into ``qmodel`` (in place), point by point.
 
-    ``kind="auto"`` is resolved from the activation bit-width of ``qmodel``. Returns a summary:
-    the resolved config, the corrected points and, per point, the mean squared error to the
-    target before and after its correction (on the calibration images).
+    ``kind="auto"`` is resolved from the activation bit-width of ``qmodel``; ``seed`` draws the
+    smooth-noise images a full map adds to ``images`` (:func:`fit_images`). Returns a summary:
+    the resolved config, the corrected points, the number of images fitted on and, per point,
+    the mean squared error to the target before and after its correction (on those images).
     """
     config = config.resolved(activation_bits(qmodel) if config.kind == "auto" else None)
     names = attach_corrections(qmodel, config)
     fp_model, qmodel = fp_model.eval().to(device), qmodel.eval().to(device)
+    images = fit_images(images, config.noise_share, seed)
     batches = images.to(device).split(config.batch_size)
-    summary = {"config": config, "points": names, "mse_before": [], "mse_after": []}
+    summary = {"config": config, "points": names, "fit_images": len(images), "mse_before": [], "mse_after": []}
     for name in tqdm(names, desc="ACM", disable=not progress, leave=False):
         wrapper: Corrected = qmodel.get_submodule(name)
         fp_module = fp_model.get_submodule(name)

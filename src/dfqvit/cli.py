@@ -242,6 +242,9 @@ def add_acm_args(p: argparse.ArgumentParser) -> None:
                    help="FP activation of the same image, or the FP module on the quantized input")
     g.add_argument("--acm-ridge", type=float, help="ridge strength toward the identity, relative to the "
                    "data (default: 1 for full, 0.01 for diag)")
+    g.add_argument("--acm-noise-share", type=float, metavar="S",
+                   help="smooth-noise images added to the ACM's fit per calibration image (default: 0.5 "
+                        "for full, 0 for diag; 0 fits on the calibration images alone)")
 
 
 def quant_config_from_args(args):
@@ -255,7 +258,8 @@ def quant_config_from_args(args):
 def acm_config_from_args(args):
     from .acm import ACMConfig
 
-    return ACMConfig(kind=args.acm, where=args.acm_where, target=args.acm_target, ridge=args.acm_ridge)
+    return ACMConfig(kind=args.acm, where=args.acm_where, target=args.acm_target, ridge=args.acm_ridge,
+                     noise_share=args.acm_noise_share)
 
 
 def calib_spec_from_args(args):

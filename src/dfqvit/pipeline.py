@@ -88,10 +88,11 @@ def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: Cali
     acm_row = {"acm": acm.kind}
     if acm.kind != "off":
         start = time.perf_counter()
-        fit = fit_corrections(qmodel, model, images, acm, device=device, progress=progress)
+        fit = fit_corrections(qmodel, model, images, acm, device=device, progress=progress, seed=calib.seed)
         seconds["acm"] = time.perf_counter() - start
         cost = correction_cost(qmodel)
-        acm_row.update(acm_ridge=acm.ridge, acm_where=acm.where, acm_target=acm.target, acm_points=len(fit["points"]),
+        acm_row.update(acm_ridge=acm.ridge, acm_noise_share=acm.noise_share, acm_fit_images=fit["fit_images"],
+                       acm_where=acm.where, acm_target=acm.target, acm_points=len(fit["points"]),
                        acm_params=cost["params"], acm_params_pct=round(cost["params_pct"], 2))
     row = {
         "preset": qconfig.preset, "w_bits": qconfig.w_bits, "a_bits": qconfig.a_bits,
