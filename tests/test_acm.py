@@ -191,7 +191,8 @@ def test_cost_is_reported():
 
 @pytest.mark.parametrize("kwargs", [dict(kind="matrix"), dict(where="everywhere"), dict(target="real"),
                                     dict(ridge=0.0), dict(ridge=-1.0), dict(noise_share=-0.5),
-                                    dict(noise_share=float("nan"))])
+                                    dict(noise_share=float("nan")),
+                                    dict(noise_share=float("inf"))])
 def test_bad_settings(kwargs):
     with pytest.raises(UserError):
         ACMConfig(**kwargs)

@@ -22,6 +22,7 @@ inputs it must hold on, so what it learns is more of the weights' error, which a
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
@@ -65,8 +66,8 @@ class ACMConfig:
                 raise UserError(f"ACM {name} {value!r} is not one of {', '.join(allowed)}")
         if self.ridge is not None and not self.ridge > 0:
             raise UserError(f"ACM ridge must be positive (got {self.ridge})")
-        if self.noise_share is not None and not self.noise_share >= 0:
-            raise UserError(f"ACM noise share must be a number >= 0 (got {self.noise_share}); 0 fits on "
+        if self.noise_share is not None and not 0 <= self.noise_share < math.inf:
+            raise UserError(f"ACM noise share must be a number >= 0 and finite (got {self.noise_share}); 0 fits on "
                             "the calibration images alone")
 
     def resolved(self, a_bits: int | None) -> ACMConfig:
