@@ -191,11 +191,11 @@ def test_int4_weights_opset21(tmp_path, calib):
     qmodel = quantized("vit", 4, 8, calib)
     report = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, opset=21, weight_format="int4")
     proto = onnx.load(str(tmp_path / "m.onnx"))
-    int4 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    int4 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT4]
     assert sum("_export_codes" in i.name for i in int4) == 8  # the 8 4-bit layers (zero points are shared)
     assert proto.opset_import[0].version == 21
     assert_matches(compare(qmodel, tmp_path / "m.onnx"))
-    assert any("INT4" in n for n in report.notes)
+    assert any("UINT4" in n for n in report.notes)
     assert (tmp_path / "m.onnx").stat().st_size < export_onnx(
         qmodel, tmp_path / "m8.onnx", DATA_CONFIG, opset=21, analyze=False, verify=False).file_bytes
 

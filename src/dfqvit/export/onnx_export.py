@@ -152,8 +152,8 @@ def _set_opset(proto, opset: int) -> None:
             imp.version = opset
 
 
-def _weights_to_int4(proto, codes_info: dict[str, tuple[int, bool]]) -> int:
-    """Store ≤4-bit weight codes (and their zero points) feeding DequantizeLinear as INT4/UINT4.
+def _weights_to_int4(proto, codes_info: dict[str, int]) -> int:
+    """Store ≤4-bit weight codes (and their zero points) feeding DequantizeLinear as UINT4.
     Returns the number of converted weights."""
     import onnx
     from onnx import numpy_helper
@@ -171,10 +171,9 @@ def _weights_to_int4(proto, codes_info: dict[str, tuple[int, bool]]) -> int:
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in codes_info:
             continue
-        bits, signed = codes_info[node.input[0]]
+        bits = codes_info[node.input[0]]
         if bits > 4 or resolve(node.input[0]) not in inits or resolve(node.input[2]) not in inits:
             continue
-        dtype = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
         new_inputs = []
         for i, name in enumerate(node.input[:3]):
             if i == 1:
@@ -182,10 +181,10 @@ def _weights_to_int4(proto, codes_info: dict[str, tuple[int, bool]]) -> int:
                 continue
             name = resolve(name)
             arr = numpy_helper.to_array(inits[name])
-            packed = pack_codes(torch.from_numpy(arr.astype("int32")), 4, signed)
+            packed = pack_codes(torch.from_numpy(arr.astype("int32")), 4, signed=False)
             new_name = f"{name}.int4"
             if new_name not in inits:
-                t = onnx.helper.make_tensor(new_name, dtype, list(arr.shape), packed.numpy().tobytes(), raw=True)
+                t = onnx.helper.make_tensor(new_name, onnx.TensorProto.UINT4, list(arr.shape), packed.numpy().tobytes(), raw=True)
                 graph.initializer.append(t)
                 inits[new_name] = t
             new_inputs.append(new_name)
@@ -296,7 +295,7 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
         notes.append(f"traced at opset {TORCHSCRIPT_MAX_OPSET} and relabelled {opset} (opset 21 only adds int4 types)")
     if weight_format == "int4":
         n = _weights_to_int4(proto, plan.codes)
-        notes.append(f"{n} weight tensors of <=4 bits stored as INT4/UINT4; ONNX Runtime 1.32 CPU runs them as "
+        notes.append(f"{n} weight tensors of <=4 bits stored as UINT4; ONNX Runtime 1.32 CPU runs them as "
                      "DequantizeLinear + float MatMul (its MatMulNBits fusion needs block-wise weights without an "
                      "activation QDQ in front), so use the int8 container for integer kernels")
     _add_metadata(proto, {
@@ -316,7 +315,7 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
     if any(b < 8 for b in plan.act_bits.values()):
         notes.append("activations below 8 bits: uint8 QuantizeLinear + integer Clip to [0, 2^b-1] (exact)")
     if any(b < 8 for b in plan.weight_bits.values()) and weight_format == "int8":
-        notes.append("weights below 8 bits: their codes stored in an int8 container (exact; the file is not smaller)")
+        notes.append("weights below 8 bits: their codes stored in a uint8 container (exact; the file is not smaller)")
     if plan.patch_as_matmul:
         notes.append(f"patch embedding exported as patchify + MatMul: {', '.join(plan.patch_as_matmul)}")
     if plan.uncalibrated:

@@ -5,10 +5,14 @@ manager that swaps them into a calibrated fake-quant model for the duration of a
 Exactness (what the exported graph computes vs the PyTorch simulation):
 
 * **Weights** (any 2..8 bits, symmetric or asymmetric, per channel or per tensor): stored as
-  their integer codes in an 8-bit container (int8 for signed grids, uint8 for unsigned; the
-  codes fit, so this is exact) feeding ``DequantizeLinear``; ``(q - z) * s`` is bit for bit the
-  fake-quantized weight of the simulation (checked at export time). Optionally (opset 21,
-  ``weight_format="int4"``) weights of at most 4 bits are stored as INT4/UINT4 instead.
+  their integer codes in an unsigned 8-bit container feeding ``DequantizeLinear``: a signed
+  grid's codes and zero point are shifted up by ``2^(b-1)`` (the same values dequantize), so
+  ``(q - z) * s`` is bit for bit the fake-quantized weight of the simulation (checked at
+  export time). Why unsigned: ONNX Runtime's fused ``MatMulIntegerToFloat`` with *int8*
+  weights saturates on x86 CPUs without VNNI (AVX2 only: pairs of products summed in int16;
+  measured wrong by whole steps), with uint8 or int8 activations alike; with uint8 weights it
+  is exact there and on VNNI machines. Optionally (opset 21, ``weight_format="int4"``) weights
+  of at most 4 bits are stored as UINT4 instead.
 * **Activations** (per-tensor uniform, 2..8 bits): ``QuantizeLinear`` to uint8 (int8 for a
   signed grid) with our scale and zero point; below the container's full range the integer
   code is clamped by ``Clip`` on the quantized (integer) tensor before ``DequantizeLinear`` —
@@ -135,12 +139,13 @@ class ExportPlan:
     log2: dict[str, int] = field(default_factory=dict)             # log2 quantizer -> bits
     float_layers: list[str] = field(default_factory=list)          # quantizable layers left float
     uncalibrated: list[str] = field(default_factory=list)          # quantizers never calibrated
-    codes: dict[str, tuple[int, bool]] = field(default_factory=dict)  # codes buffer -> (bits, signed)
+    codes: dict[str, int] = field(default_factory=dict)  # codes buffer (uint8 container) -> bits
     patch_as_matmul: list[str] = field(default_factory=list)
 
 
-def _container_dtype(signed: bool) -> torch.dtype:
-    return torch.int8 if signed else torch.uint8
+def unsigned_offset(bits: int, symmetric: bool) -> int:
+    """What to add to a weight grid's codes (and zero point) to store them unsigned."""
+    return 2 ** (bits - 1) if symmetric else 0
 
 
 def _act_forward(q: ActQuantizer, torch_rounding: bool):
@@ -167,7 +172,7 @@ def _identity(x):
 
 
 def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(codes in an 8-bit container, scale, zero point, axis) of ``mod.weight``, checked to
+    """(codes in the uint8 container, scale, zero point, axis) of ``mod.weight``, checked to
     dequantize bit for bit to the simulated weight; with ``transpose`` for a 2-D weight used
     as ``x @ W^T`` (codes [in, out], axis 1)."""
     wq: WeightQuantizer = mod.weight_quant
@@ -176,13 +181,14 @@ def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor
     expected = wq(weight)
     if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), expected):
         raise UserError("internal: weight codes do not dequantize to the simulated weight; please report")
-    dtype = _container_dtype(wq.symmetric)
+    offset = unsigned_offset(wq.bits, wq.symmetric)
+    codes = codes + offset
     scale = wq.scale.detach().float().clone()
-    zp = wq.zero_point.detach().round().to(dtype)
+    zp = (wq.zero_point.detach().round() + offset).to(torch.uint8)
     axis = 0
     if not wq.per_channel or scale.numel() == 1 and weight.shape[0] != 1:
         scale, zp = scale.reshape(()), zp.reshape(())
-    codes = codes.to(dtype)
+    codes = codes.to(torch.uint8)
     if transpose:
         codes = codes.t().contiguous()
         axis = 1
@@ -318,7 +324,7 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                     add_buffer(mod, "_export_codes", codes)
                     add_buffer(mod, "_export_scale", scale)
                     add_buffer(mod, "_export_zp", zp)
-                    plan.codes[f"{name}._export_codes"] = (wq.bits, wq.symmetric)
+                    plan.codes[f"{name}._export_codes"] = wq.bits
                 swap(mod, _patch_matmul_forward(mod, quantized))
                 plan.patch_as_matmul.append(name)
             elif quantized:
@@ -326,7 +332,7 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                 add_buffer(mod, "_export_codes", codes)
                 add_buffer(mod, "_export_scale", scale)
                 add_buffer(mod, "_export_zp", zp)
-                plan.codes[f"{name}._export_codes"] = (wq.bits, wq.symmetric)
+                plan.codes[f"{name}._export_codes"] = wq.bits
                 swap(mod, _linear_forward(mod) if isinstance(mod, QLinear) else _conv_forward(mod))
         yield plan
     finally:
