@@ -7,6 +7,7 @@ calibration sets are cached under ``runs/calib-cache`` so reruns only pay for ev
 Examples::
 
     python benchmarks/ablate.py --table ptq        # issue 3: noise/real × presets × bit-widths
+    python benchmarks/ablate.py --table quantizer  # issue 18: repq-vit vs the default, smooth noise / dfq / real
     python benchmarks/ablate.py --table acm        # issue 5: noise, psaq, dfq ± ACM, real ± ACM
     python benchmarks/ablate.py --table acm --write   # also update docs/RESULTS.md
     python benchmarks/ablate.py --table acm-variants   # issue 5: the ACM's ridge, placement and target
@@ -45,7 +46,7 @@ class Method:
     label: str
     calib: str
     acm: str = "off"
-    preset: str = "repq"
+    preset: str = "repq-comp"
     synth_opts: tuple = ()
     mined: bool = False   # images depend on the quantization setting (hard-example mining)
     acm_opts: tuple = ()  # ACMConfig fields besides the kind: where, target, ridge, noise_share
@@ -54,7 +55,12 @@ class Method:
 TABLES = {
     "ptq": dict(
         settings=[(8, 8), (6, 6), (4, 8), (4, 4), (3, 8), (3, 4)],
-        methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "repq-vit", "psaq") for c in ("noise", "real")]),
+        methods=[Method(f"{c} {p}", c, preset=p) for p in ("repq", "repq-vit", "minmax") for c in ("noise", "real")]),
+    "quantizer": dict(
+        settings=[(4, 4), (3, 4), (3, 8), (4, 8), (6, 6)],
+        methods=[m for p in ("repq-vit", "repq-comp") for m in (
+            Method(f"smooth noise {p}", "noise", preset=p, synth_opts=SMOOTH),
+            Method(f"dfq {p}", "dfq", preset=p, mined=True), Method(f"real {p}", "real", preset=p))]),
     "calib": dict(
         settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
         methods=[Method("noise", "noise"), Method("smooth noise", "noise", synth_opts=SMOOTH),

@@ -47,7 +47,7 @@ def _run(model, data_config, evalset=None, **config):
 def test_row(model, data_config, evalset):
     qmodel, row, images = _run(model, data_config, evalset, w_bits=8, a_bits=8)
     assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-    assert (row["preset"], row["w_bits"], row["a_bits"]) == ("repq", 8, 8)
+    assert (row["preset"], row["w_bits"], row["a_bits"]) == ("repq-comp", 8, 8)
     assert (row["calib"], row["calib_size"], row["seed"]) == ("noise", 8, 0)
     assert images.shape == (8, 1, 28, 28)
     for key in ("top1", "top5", "fp32_top1", "agreement"):
@@ -69,9 +69,9 @@ def test_row(model, data_config, evalset):
 def test_weight_bytes(model, data_config):
     """Mostly Linear weights: W4 (first/last layers at 8 bits, per-channel float scales, float
     biases / LayerNorms / embeddings) is about a fifth of FP32 (measured 0.204)."""
-    _, w4, _ = _run(model, data_config, w_bits=4, a_bits=8, preset="psaq")
-    _, w8, _ = _run(model, data_config, w_bits=8, a_bits=8, preset="psaq")
-    _, w32, _ = _run(model, data_config, w_bits=32, a_bits=32, first_last_bits=None, preset="psaq")
+    _, w4, _ = _run(model, data_config, w_bits=4, a_bits=8, preset="minmax")
+    _, w8, _ = _run(model, data_config, w_bits=8, a_bits=8, preset="minmax")
+    _, w32, _ = _run(model, data_config, w_bits=32, a_bits=32, first_last_bits=None, preset="minmax")
     fp32 = 4 * sum(p.numel() for p in model.parameters())
     assert w4["fp32_weight_bytes"] == fp32
     assert w4["weight_bytes"] < 0.3 * fp32
@@ -81,11 +81,11 @@ def test_weight_bytes(model, data_config):
 
 
 def test_calibration_is_seeded_and_reusable(model, data_config):
-    _, _, a = _run(model, data_config, w_bits=4, a_bits=8, preset="psaq")
-    _, _, b = _run(model, data_config, w_bits=4, a_bits=8, preset="psaq")
+    _, _, a = _run(model, data_config, w_bits=4, a_bits=8, preset="minmax")
+    _, _, b = _run(model, data_config, w_bits=4, a_bits=8, preset="minmax")
     assert torch.equal(a, b)
     given = torch.randn(5, 1, 28, 28)
-    _, row, images = run_quantization(model, data_config, QuantConfig(preset="psaq"),
+    _, row, images = run_quantization(model, data_config, QuantConfig(preset="minmax"),
                                       CalibSpec(source="noise", size=8, images=given), progress=False)
     assert images is given and row["calib_size"] == 5
 

@@ -214,7 +214,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--w-bits", type=int, default=4, help="weight bits: 2..8, or 16/32 for float")
     g.add_argument("--a-bits", type=int, default=8, help="activation bits: 2..8, or 16/32 for float")
-    g.add_argument("--preset", default="repq", choices=sorted(PRESETS))
+    g.add_argument("--preset", default="repq-comp", choices=sorted(PRESETS))
     g.add_argument("--first-last-bits", type=_first_last_bits, default=8, metavar="BITS|none",
                    help="bits of the patch embedding and classifier (default 8; none: like the rest)")
     g.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN", help="fnmatch module names")

@@ -13,8 +13,8 @@ from dfqvit.quant import primitives as P
 from dfqvit.quant.quantizers import ActQuantizer, Log2Quantizer, WeightQuantizer
 
 
-@pytest.mark.parametrize("key,preset", [("deit", "repq"), ("deit", "psaq"), ("swin", "psaq"),
-                                        ("deit_distilled", "psaq")])
+@pytest.mark.parametrize("key,preset", [("deit", "repq"), ("deit", "minmax"), ("swin", "minmax"),
+                                        ("deit_distilled", "minmax")])
 def test_all_active_quantizers_calibrated(key, preset, tiny_model, tiny_images):
     config = QuantConfig(w_bits=4, a_bits=8, preset=preset)
     qmodel, _ = quantize_model(tiny_model(key), config)
@@ -28,15 +28,15 @@ def test_all_active_quantizers_calibrated(key, preset, tiny_model, tiny_images):
         assert bool(q.calibrated) and q.active, name
         assert q.scale.gt(0).all(), name
         assert not q.observing, name
-    # psaq keeps the post-softmax probabilities float; repq uses the log-sqrt2 quantizer
+    # minmax keeps the post-softmax probabilities float; repq uses the log-sqrt2 quantizer
     probs = [q for n, q in qs if n.endswith("matmul_av.a_quant")]
     assert probs and all(isinstance(q, Log2Quantizer) == (preset == "repq") for q in probs)
-    assert all(P.is_float(q.bits) and not q.active for q in probs if preset == "psaq")
+    assert all(P.is_float(q.bits) and not q.active for q in probs if preset == "minmax")
 
 
 def test_observing_context(tiny_model, tiny_images):
     model = tiny_model("deit")
-    qmodel, _ = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8, preset="psaq"))
+    qmodel, _ = quantize_model(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8, preset="minmax"))
     acts = [q for _, q in quantizers(qmodel) if isinstance(q, ActQuantizer) and not P.is_float(q.bits)]
     weights = [q for _, q in quantizers(qmodel) if isinstance(q, WeightQuantizer)]
     x = tiny_images(4, seed=1)
@@ -56,7 +56,7 @@ def test_observing_context(tiny_model, tiny_images):
 
 
 def test_observing_context_on_error(tiny_model, tiny_images):
-    qmodel, _ = quantize_model(tiny_model("deit"), QuantConfig(preset="psaq"))
+    qmodel, _ = quantize_model(tiny_model("deit"), QuantConfig(preset="minmax"))
     acts = [q for _, q in quantizers(qmodel) if isinstance(q, ActQuantizer)]
     with pytest.raises(RuntimeError, match="stop"), torch.no_grad(), observing(qmodel):
         qmodel(tiny_images(2, seed=1))
@@ -67,7 +67,7 @@ def test_observing_context_on_error(tiny_model, tiny_images):
 
 def test_quantization_disabled(tiny_model, tiny_images):
     model = tiny_model("deit")
-    config = QuantConfig(w_bits=4, a_bits=4, preset="psaq")
+    config = QuantConfig(w_bits=4, a_bits=4, preset="minmax")
     qmodel, _ = quantize_model(copy.deepcopy(model), config)
     calibrate(qmodel, config, tiny_images(4, seed=1), progress=False)
     x = tiny_images(4, seed=2)
@@ -79,6 +79,6 @@ def test_quantization_disabled(tiny_model, tiny_images):
             assert not any(q.enabled for q in qs)
             float_out = qmodel(x)
         assert torch.equal(qmodel(x), quantized)
-        torch.testing.assert_close(float_out, model(x), atol=1e-5, rtol=0)   # psaq: no reparam
+        torch.testing.assert_close(float_out, model(x), atol=1e-5, rtol=0)   # minmax: no reparam
     assert not qs[0].enabled and all(q.enabled for q in qs[1:])
     assert not torch.allclose(quantized, float_out, atol=1e-3)

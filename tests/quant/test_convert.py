@@ -121,25 +121,25 @@ def test_w4a4_worse_than_w8a8(key, sqnr_by_bits):
     assert sqnr_by_bits[key, 4] < sqnr_by_bits[key, 8] - 6
 
 
-def test_psaq_preset_w8a8(float_models, calib_images, eval_images):
+def test_minmax_preset_w8a8(float_models, calib_images, eval_images):
     model = float_models["deit"]
-    qmodel, _ = quantize(model, QuantConfig(w_bits=8, a_bits=8, preset="psaq"), calib_images)
+    qmodel, _ = quantize(model, QuantConfig(w_bits=8, a_bits=8, preset="minmax"), calib_images)
     with torch.no_grad():
         assert sqnr_db(model(eval_images), qmodel(eval_images)) >= 25.0   # measured 28.9
-    # no post-softmax quantizer in the psaq preset: the probabilities stay float
+    # no post-softmax quantizer in the minmax preset: the probabilities stay float
     assert all(m.matmul_av.a_quant.bits == 32 for m in qmodel.modules() if isinstance(m, QAttention))
 
 
 def test_quantize_leaves_float_model_untouched(float_models, calib_images):
     model = float_models["deit"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantize(model, QuantConfig(w_bits=4, a_bits=8, preset="psaq"), calib_images)
+    quantize(model, QuantConfig(w_bits=4, a_bits=8, preset="minmax"), calib_images)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, QLinear) for m in model.modules())
 
 
 def test_exclude_keeps_module_float(float_models, calib_images, eval_images):
-    config = QuantConfig(w_bits=4, a_bits=4, preset="psaq", exclude=("blocks.0.mlp.fc1", "blocks.1.attn"))
+    config = QuantConfig(w_bits=4, a_bits=4, preset="minmax", exclude=("blocks.0.mlp.fc1", "blocks.1.attn"))
     qmodel, report = quantize(float_models["deit"], config, calib_images)
     assert type(qmodel.blocks[0].mlp.fc1) is nn.Linear
     assert type(qmodel.blocks[1].attn) is Attention       # the attention block itself stays float ...
@@ -206,7 +206,7 @@ def test_config_accepts(bits):
 
 
 def test_config_json_round_trip():
-    config = QuantConfig(w_bits=3, a_bits=6, preset="psaq", first_last_bits=None,
+    config = QuantConfig(w_bits=3, a_bits=6, preset="minmax", first_last_bits=None,
                          include=("blocks.*", "head"), exclude=("blocks.0.attn.qkv",))
     text = config.to_json()
     again = QuantConfig.from_json(text)

@@ -48,7 +48,7 @@ def calib_images():
     return torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-def _tiny_quantized(w_bits, a_bits, calib_images, preset="psaq", first_last_bits=8):
+def _tiny_quantized(w_bits, a_bits, calib_images, preset="minmax", first_last_bits=8):
     import timm
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def _tiny_quantized(w_bits, a_bits, calib_images, preset="psaq", first_last_bits
     return model, qmodel
 
 
-@pytest.mark.parametrize("w_bits,preset", [(2, "psaq"), (3, "psaq"), (4, "repq"), (8, "psaq")])
+@pytest.mark.parametrize("w_bits,preset", [(2, "minmax"), (3, "minmax"), (4, "repq"), (8, "minmax")])
 def test_save_reload_bit_exact(tmp_path, calib_images, w_bits, preset):
     model, qmodel = _tiny_quantized(w_bits, 8, calib_images, preset=preset, first_last_bits=None)
     spec = ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS)
@@ -104,7 +104,7 @@ def test_w4_file_size_ratio(tmp_path, calib_images):
     """W4A8 with 8-bit first/last layers: file well under a third of the FP32 safetensors even
     on this tiny model (whose float biases / LayerNorms / headers weigh relatively more)."""
     _, qmodel = _tiny_quantized(4, 8, calib_images)
-    out = save_quantized(qmodel, ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS), QuantConfig(w_bits=4, a_bits=8, preset="psaq"),
+    out = save_quantized(qmodel, ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS), QuantConfig(w_bits=4, a_bits=8, preset="minmax"),
                          tmp_path / "q")
     meta = read_meta(out)
     size = meta["size"]
@@ -119,7 +119,7 @@ def test_float_weights_are_not_packed(tmp_path, calib_images):
     """w_bits=32 (weights float, activations 8-bit): nothing to pack, reload still exact."""
     _, qmodel = _tiny_quantized(32, 8, calib_images, first_last_bits=None)
     out = save_quantized(qmodel, ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS),
-                         QuantConfig(w_bits=32, a_bits=8, preset="psaq", first_last_bits=None), tmp_path / "q")
+                         QuantConfig(w_bits=32, a_bits=8, preset="minmax", first_last_bits=None), tmp_path / "q")
     reloaded, meta = load_quantized(out)
     assert meta["packed_weights"] == {}
     x = torch.randn(4, 1, 28, 28)
@@ -133,7 +133,7 @@ def test_unpacked_format1_still_loads(tmp_path, calib_images):
 
     _, qmodel = _tiny_quantized(4, 8, calib_images)
     spec = ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS)
-    out = save_quantized(qmodel, spec, QuantConfig(w_bits=4, a_bits=8, preset="psaq"), tmp_path / "q")
+    out = save_quantized(qmodel, spec, QuantConfig(w_bits=4, a_bits=8, preset="minmax"), tmp_path / "q")
     meta = json.loads((out / CONFIG_FILE).read_text())
     meta["format_version"] = 1
     del meta["packed_weights"]
@@ -164,7 +164,7 @@ def test_save_reload_with_activation_correction(tmp_path, calib_images):
     cfg = acm.ACMConfig(kind="full")
     acm.fit_corrections(qmodel, fp, calib_images, cfg, progress=False)
     out = save_quantized(qmodel, ModelSpec(name=VIT_NAME, kwargs=VIT_KWARGS),
-                         QuantConfig(w_bits=4, a_bits=8, preset="psaq"), tmp_path / "q", extra={"acm": cfg.to_dict()})
+                         QuantConfig(w_bits=4, a_bits=8, preset="minmax"), tmp_path / "q", extra={"acm": cfg.to_dict()})
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(load_quantized(out)[0](x), qmodel(x))

@@ -160,14 +160,47 @@ def test_mse_range_per_channel():
     assert err[2] < 0.7 * merr[2]
 
 
-def test_percentile_range():
-    x = torch.arange(10001, dtype=torch.float32)             # 0 .. 10000
-    lo, hi = P.percentile_range(x, 99.0)
-    assert lo.item() == pytest.approx(100.0) and hi.item() == pytest.approx(9900.0)
-    lo, hi = P.percentile_range(x)                           # default 99.99
-    assert lo.item() == pytest.approx(1.0) and hi.item() == pytest.approx(9999.0)
-    lo, hi = P.percentile_range(x.reshape(73, 137), 100.0)   # any shape, 100 = min-max
-    assert (lo.item(), hi.item()) == (0.0, 10000.0)
+def test_percentile_range_is_repq_vits_search():
+    x = torch.arange(100001, dtype=torch.float32)            # 0 .. 100000, uniform
+    x[-1] = 1e7                                               # one outlier
+    lo, hi = P.percentile_range(x, 4)
+    # candidates (0.999, 0.9999, 0.99999): the best by squared error clips the outlier
+    assert lo.item() == pytest.approx(P.quantile(x, 1 - 0.99999).item())
+    assert hi.item() == pytest.approx(P.quantile(x, 0.99999).item())
+    # one candidate: exactly that pair of quantiles (linear interpolation, like torch.quantile)
+    lo, hi = P.percentile_range(x[:10001], 8, candidates=(0.99,))
+    assert (lo.item(), hi.item()) == pytest.approx((100.0, 9900.0))
+    # per channel: each row gets its own range
+    w = torch.stack([torch.linspace(-1, 1, 1000), torch.linspace(-5, 5, 1000)])
+    lo, hi = P.percentile_range(w, 4, channel_dim=0)
+    assert lo.shape == hi.shape == (2,) and hi[1] > 4 * hi[0]
+
+
+def test_quantile_beyond_torch_limit():
+    x = torch.rand(2 ** 24 + 10, generator=torch.Generator().manual_seed(0))
+    assert P.quantile(x, 0.5).item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_fractional_zero_point_matches_repq_vit_arithmetic():
+    x = torch.linspace(-3, 3, 1001, requires_grad=True)
+    s, z = torch.tensor([0.25]), torch.tensor([7.5])
+    out = P.fake_quant_fractional(x, s, z, 0, 15)
+    ref = (torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s     # RepQ-ViT's UniformQuantizer
+    assert torch.equal(out.detach(), ref.detach())
+    assert len(out.unique()) == 17                                # clamp ends between grid points
+    out.sum().backward()                                          # straight-through inside the range
+    inside = (x.detach() > -7.5 * 0.25) & (x.detach() < 7.5 * 0.25)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_log2_percentile_delta():
+    probs = torch.softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    delta = P.log2_percentile_delta(probs, 4)
+    assert any(delta.item() == pytest.approx(P.quantile(probs.flatten(), p).item()) for p in P.PERCENTILES)
+    err = (P.log2_fake_quant(probs, delta, 4) - probs).pow(2).mean()
+    for p in P.PERCENTILES:
+        other = P.quantile(probs.flatten(), p)
+        assert err <= (P.log2_fake_quant(probs, other, 4) - probs).pow(2).mean() + 1e-12
 
 
 def test_sqnr_db():

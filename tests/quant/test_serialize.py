@@ -16,7 +16,11 @@ from dfqvit.quant.serialize import CONFIG_FILE, WEIGHTS_FILE, read_meta
 serialize_module = importlib.import_module("dfqvit.quant.serialize")
 
 CONFIGS = {"deit": QuantConfig(w_bits=4, a_bits=8, preset="repq"),
-           "swin": QuantConfig(w_bits=4, a_bits=6, preset="repq")}
+           "swin": QuantConfig(w_bits=4, a_bits=6, preset="repq"),
+           # the default, and RepQ-ViT's fractional zero points (a flag restored on reload)
+           "deit-comp": QuantConfig(w_bits=4, a_bits=4, preset="repq-comp"),
+           "swin-repq-vit": QuantConfig(w_bits=4, a_bits=4, preset="repq-vit"),
+           "deit-minmax": QuantConfig(w_bits=3, a_bits=8, preset="minmax")}
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +28,14 @@ def quantized(tiny_model, tiny_specs, tiny_images):
     """(spec, config, calibrated quantized model) for DeiT and Swin."""
     out = {}
     for key, config in CONFIGS.items():
-        name, kwargs = tiny_specs[key]
-        qmodel, _ = quantize(tiny_model(key), config, tiny_images(4, seed=1))
+        arch = key.split("-")[0]
+        name, kwargs = tiny_specs[arch]
+        qmodel, _ = quantize(tiny_model(arch), config, tiny_images(4, seed=1))
         out[key] = (ModelSpec(name=name, kwargs=dict(kwargs)), config, qmodel)
     return out
 
 
-@pytest.mark.parametrize("key", ["deit", "swin"])
+@pytest.mark.parametrize("key", sorted(CONFIGS))
 def test_save_load_equal_outputs(key, quantized, tmp_path, tiny_images):
     spec, config, qmodel = quantized[key]
     out = save_quantized(qmodel, spec, config, tmp_path / "q", extra={"calibration": {"source": "noise"}})
@@ -115,3 +120,13 @@ def test_load_newer_format_refused(quantized, tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match="newer dfqvit"):
         load_quantized(out)
+
+
+def test_version1_configs_load_or_refuse():
+    """Configs saved before version 2: ``psaq`` was the min-max preset's old name; ``repq-vit``
+    was redefined, so an artifact of the old one is refused with a one-line error."""
+    old = {**QuantConfig().to_dict(), "version": 1}
+    assert QuantConfig.from_dict({**old, "preset": "psaq"}).preset == "minmax"
+    assert QuantConfig.from_dict({**old, "preset": "repq"}).preset == "repq"
+    with pytest.raises(UserError, match="quantize the FP32 model again"):
+        QuantConfig.from_dict({**old, "preset": "repq-vit"})

@@ -316,6 +316,10 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
         notes.append("activations below 8 bits: uint8 QuantizeLinear + integer Clip to [0, 2^b-1] (exact)")
     if any(b < 8 for b in plan.weight_bits.values()) and weight_format == "int8":
         notes.append("weights below 8 bits: their codes stored in a uint8 container (exact; the file is not smaller)")
+    if plan.rounded_zero_points:
+        notes.append(f"{len(plan.rounded_zero_points)} activation quantizers have a fractional zero point in the "
+                     "simulation (RepQ-ViT's folded LayerNorm inputs, preset repq-vit) and are exported with the "
+                     "nearest integer one: NOT exact there")
     if plan.patch_as_matmul:
         notes.append(f"patch embedding exported as patchify + MatMul: {', '.join(plan.patch_as_matmul)}")
     if plan.uncalibrated:

@@ -141,6 +141,7 @@ class ExportPlan:
     uncalibrated: list[str] = field(default_factory=list)          # quantizers never calibrated
     codes: dict[str, int] = field(default_factory=dict)  # codes buffer (uint8 container) -> bits
     patch_as_matmul: list[str] = field(default_factory=list)
+    rounded_zero_points: list[str] = field(default_factory=list)  # fractional in the simulation (repq-vit)
 
 
 def unsigned_offset(bits: int, symmetric: bool) -> int:
@@ -302,6 +303,8 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                 swap(q, _log2_forward(q, log2_mode, torch_rounding))
             else:
                 plan.act_bits[name] = q.bits
+                if q.fractional_zero_point:
+                    plan.rounded_zero_points.append(name)
                 swap(q, _act_forward(q, torch_rounding))
         for name, mod in model.named_modules():
             if type(mod) in QUANT_MODULES:  # quantizable, but excluded from quantization

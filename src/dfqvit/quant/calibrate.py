@@ -10,7 +10,10 @@ from tqdm import tqdm
 from .config import QuantConfig
 from .convert import quantizers
 from .quantizers import ActQuantizer, WeightQuantizer
-from .reparam import reparameterize
+from . import primitives as P
+from .compensate import compensate_linear
+from .modules import QLinear
+from .reparam import fold_channel_ranges, fold_pair, layernorm_consumers, reparameterize
 
 
 @contextlib.contextmanager
@@ -55,11 +58,105 @@ def _batches(images: torch.Tensor, batch_size: int, desc: str, progress: bool):
     return tqdm(images.split(batch_size), desc=desc, disable=not progress, leave=False)
 
 
+@contextlib.contextmanager
+def calibrating_on_call(model: nn.Module):
+    """Every activation quantizer takes its range from the first tensor it sees."""
+    acts = [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
+    for q in acts:
+        q.calibrate_on_call = True
+    try:
+        yield model
+    finally:
+        for q in acts:
+            q.calibrate_on_call = False
+
+
+@torch.no_grad()
+def linear_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every quantized Linear's output on ``images`` with all quantization off (the FP model)."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _, __, out, n=n: outputs.__setitem__(n, out.detach()))
+               for n, m in model.named_modules() if isinstance(m, QLinear)]
+    try:
+        with quantization_disabled(model):
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, done: list, bar):
+    """Forward pre-hook for one QLinear in the calibration pass: on its first call, fold its
+    LayerNorm (from the per-channel range of this very input), set its input range, then
+    compensate its weights (:func:`compensate_linear`) against the FP output ``targets[name]``."""
+    def hook(lin: QLinear, args):
+        if lin.input_quant.calibrated or P.is_float(lin.input_quant.bits) and P.is_float(lin.weight_quant.bits):
+            return None
+        (x, *rest) = args
+        if fold is not None:
+            pair_name, norm = fold
+            lo, hi = lin.input_quant.search_range(x.reshape(-1, x.shape[-1]).float(), channel_dim=1)
+            s, z = P.scale_zero_point(lo, hi, lin.input_quant.bits, lin.input_quant.symmetric)
+            offset, r1 = fold_pair(norm, [lin], s, z, round_zero_point=True)
+            x = ((x + offset) / r1).to(x.dtype)
+            done.append(pair_name)
+        elif not P.is_float(lin.input_quant.bits):
+            lin.input_quant.calibrate_on(x)
+        compensate_linear(lin, lin.input_quant(x), targets.pop(name), scheme.ridge, scheme.weight_rounding == "gptq")
+        bar.update()
+        return (x, *rest)
+    return hook
+
+
+@torch.no_grad()
+def calibrate_sequential(model: nn.Module, config: QuantConfig, images: torch.Tensor, progress: bool = True) -> dict:
+    """Calibration in execution order on the quantized stream, as RepQ-ViT does: weights first;
+    then one forward pass of *all* ``images`` (one batch, as RepQ-ViT's code does) in which
+    each activation quantizer sets its range from the stream already quantized before it.
+
+    Without compensation (RepQ-ViT): the LayerNorm consumers' inputs are quantized per channel
+    in that pass; afterwards the channel ranges are folded into the LayerNorms and the
+    consumers' weights quantized again. With compensation (``scheme.compensate``, ours): each
+    Linear, at its first call, folds its LayerNorm from this input's channel ranges (rounded
+    zero point: exact b-bit), sets its input range, and compensates its weights against the
+    FP model's output (:mod:`dfqvit.quant.compensate`), so every later range is set on the
+    compensated stream."""
+    scheme = config.scheme
+    calibrate_weights(model)
+    pairs = [(name, norm, consumers) for name, norm, consumers in
+             (layernorm_consumers(model, include_head=scheme.reparam_head) if scheme.reparam else [])
+             if norm.elementwise_affine and not P.is_float(consumers[0].input_quant.bits)]
+    if not scheme.compensate:
+        for _, _, consumers in pairs:
+            for lin in consumers:
+                lin.input_quant.channel_wise = True
+        with calibrating_on_call(model), tqdm(total=1, desc="calibrate", disable=not progress, leave=False) as bar:
+            model(images)
+            bar.update()
+        return {"reparameterized": fold_channel_ranges(pairs)}
+
+    targets = linear_outputs(model, images)
+    folds = {id(consumers[0]): (name, norm) for name, norm, consumers in pairs if len(consumers) == 1}
+    done: list[str] = []
+    with tqdm(total=len(targets), desc="calibrate + compensate", disable=not progress, leave=False) as bar:
+        handles = [m.register_forward_pre_hook(_compensating_hook(n, scheme, targets, folds.get(id(m)), done, bar))
+                   for n, m in model.named_modules() if isinstance(m, QLinear)]
+        try:
+            with calibrating_on_call(model):
+                model(images)
+        finally:
+            for h in handles:
+                h.remove()
+    return {"reparameterized": done}
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, config: QuantConfig, images: torch.Tensor, batch_size: int = 32,
               device: str = "cpu", progress: bool = True) -> dict:
     """Calibrate a model converted by :func:`quantize_model` on ``images`` (normalised).
 
+    Order "sequential": :func:`calibrate_sequential` (RepQ-ViT). Order "float":
     1. (preset with reparam) per-channel LayerNorm output ranges → fold into LN and next Linear;
     2. weight ranges from the (reparameterized) weights;
     3. activation ranges observed with quantized weights and float activations.
@@ -67,6 +164,8 @@ def calibrate(model: nn.Module, config: QuantConfig, images: torch.Tensor, batch
     """
     model.eval()
     images = images.to(device)
+    if config.scheme.order == "sequential":
+        return calibrate_sequential(model, config, images, progress)
     done: dict = {"reparameterized": []}
     if config.scheme.reparam:
         with quantization_disabled(model):

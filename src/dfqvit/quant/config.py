@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import UserError
 from .primitives import MAX_BITS, MIN_BITS
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Version 2 renamed the min-max preset ("psaq" → "minmax") and redefined "repq-vit" (RepQ-ViT's
+# own percentile search, asymmetric weights and calibration order).
+_V1_RENAMED = {"psaq": "minmax"}
+_V1_REDEFINED = ("repq-vit",)
 FLOAT_BIT_VALUES = (16, 32)
 
 
@@ -15,13 +19,23 @@ FLOAT_BIT_VALUES = (16, 32)
 class QuantScheme:
     """How each tensor kind is quantized; a preset names one scheme."""
 
-    w_method: str          # range search for weights: minmax | mse
+    w_method: str          # range search for weights: minmax | percentile | mse
     w_symmetric: bool
     a_method: str          # range search for activations: minmax | percentile | mse
     log2_softmax: bool     # log-√2 quantizer on post-softmax attention (else it stays float)
     reparam: bool          # RepQ-ViT LayerNorm scale reparameterization
-    reparam_strength: float = 1.0   # exponent α of the channel scaling (1: RepQ-ViT)
-    reparam_shift: bool = True      # RepQ-ViT's zero-point alignment of the channels
+    reparam_strength: float = 1.0   # exponent α of the channel scaling (1: RepQ-ViT; order "float" only)
+    reparam_shift: bool = True      # RepQ-ViT's zero-point alignment of the channels (order "float" only)
+    # "sequential": RepQ-ViT's order — every activation range is set on the quantized stream of
+    # the quantizers before it, LayerNorm consumers from searched per-channel ranges;
+    # "float": all ranges observed on float activations after reparameterizing from LN min/max.
+    order: str = "float"
+    reparam_head: bool = True       # also reparameterize the final norm → classifier pair
+    # Closed-form error compensation of every Linear (order "sequential" only; ours, see
+    # dfqvit.quant.compensate): ridge update towards the FP output, then weight rounding.
+    compensate: bool = False
+    ridge: float = 10.0             # λ relative to mean(diag(x̂ᵀx̂)); measured 0.01..1000 on the zoo (docs/RESULTS.md)
+    weight_rounding: str = "gptq"   # gptq | nearest
 
 
 PRESETS = {
@@ -30,12 +44,23 @@ PRESETS = {
     # without the zero-point shift (ours: far less sensitive to synthetic calibration images).
     "repq": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True,
                         reparam_strength=0.5, reparam_shift=False),
-    # RepQ-ViT as published: every post-LayerNorm pair reparameterized at full strength.
-    "repq-vit": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True),
-    # PSAQ-ViT's (FQ-ViT-derived) naive quantizer: per-channel min-max weights, per-tensor
-    # min-max activations, softmax output left in float.
-    "psaq": QuantScheme(w_method="minmax", w_symmetric=True, a_method="minmax", log2_softmax=False, reparam=False),
+    # Ours: RepQ-ViT's quantizers and order, with exact b-bit folded LayerNorm inputs, and every
+    # Linear compensated in closed form (ERQ-style ridge update towards the FP output + GPTQ).
+    "repq-comp": QuantScheme(w_method="percentile", w_symmetric=False, a_method="percentile", log2_softmax=True,
+                             reparam=True, order="sequential", reparam_head=False, compensate=True),
+    # RepQ-ViT as published (paper + zkkli/RepQ-ViT): asymmetric per-channel weights and
+    # per-tensor activations, each range the best of three percentile pairs by L2 error,
+    # log-√2 post-softmax quantizer (delta likewise), calibrated in order on the quantized
+    # stream; the blocks' LayerNorm → Linear pairs reparameterized from searched per-channel
+    # ranges (the final norm → head pair is not).
+    "repq-vit": QuantScheme(w_method="percentile", w_symmetric=False, a_method="percentile", log2_softmax=True,
+                            reparam=True, order="sequential", reparam_head=False),
+    # A naive min-max quantizer (per-channel symmetric weights, per-tensor activations, softmax
+    # output left float). Not PSAQ-ViT's quantizer, which quantizes layer outputs (the residual
+    # stream and the pre-softmax scores too); formerly, wrongly, named "psaq".
+    "minmax": QuantScheme(w_method="minmax", w_symmetric=True, a_method="minmax", log2_softmax=False, reparam=False),
 }
+ORDERS = ("float", "sequential")
 
 
 def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
@@ -53,7 +78,7 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 8
-    preset: str = "repq"
+    preset: str = "repq-comp"
     first_last_bits: int | None = 8
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -86,6 +111,12 @@ class QuantConfig:
         unknown = set(d) - known
         if unknown:
             raise UserError(f"unknown quantization config fields: {', '.join(sorted(unknown))}")
+        if d.get("version", CONFIG_VERSION) < 2:
+            preset = d.get("preset")
+            if preset in _V1_REDEFINED:
+                raise UserError(f"this model was quantized with the {preset!r} preset of dfqvit 0.1, which no longer "
+                                f"exists in that form; quantize the FP32 model again")
+            d = {**d, "preset": _V1_RENAMED.get(preset, preset), "version": CONFIG_VERSION}
         return cls(**d)
 
     def to_json(self) -> str:

@@ -1,5 +1,5 @@
 """Quantization numerics, kept apart from modules: grids, fake-quant with straight-through
-gradients, the log-√2 quantizer, and range search (min-max, percentile, MSE).
+gradients, the log-√2 quantizer, and range search (min-max, RepQ-ViT's percentile search, MSE).
 
 Conventions: ``bits >= 16`` means "keep float". Symmetric grids are signed and restricted
 (``[-(2^(b-1) - 1), 2^(b-1) - 1]``, zero point 0, so they map onto int8 / int4 without the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 FLOAT_BITS = 16  # at or above this a quantizer is off
@@ -36,6 +37,19 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     else:
         out = torch.fake_quantize_per_channel_affine(xf, scale.float().flatten(), zp.flatten(), axis, qmin, qmax)
     return out.to(x.dtype)
+
+
+def fake_quant_fractional(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                          qmax: int) -> torch.Tensor:
+    """Per-tensor fake quantization with a *fractional* zero point, in RepQ-ViT's arithmetic:
+    ``(clamp(round(x / s) + z, qmin, qmax) - z) · s``. Values inside the range land on
+    multiples of ``s``; the clamp ends ``(qmin - z)·s`` and ``(qmax - z)·s`` fall between them,
+    so the grid has up to ``2^b + 1`` levels. Straight-through gradients inside the range."""
+    xf = x.float()
+    s, z = scale.float().reshape(()), zero_point.float().reshape(())
+    out = (torch.clamp(torch.round(xf / s) + z, qmin, qmax) - z) * s
+    inside = torch.clamp(xf, (qmin - z) * s, (qmax - z) * s)
+    return (inside + (out - inside).detach()).to(x.dtype)
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -84,12 +98,39 @@ def minmax_range(x: torch.Tensor, channel_dim: int | None = None) -> tuple[torch
     return x.amin(dim=dims), x.amax(dim=dims)
 
 
-def percentile_range(x: torch.Tensor, pct: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor (lo, hi) at the ``100 - pct`` and ``pct`` percentiles."""
-    flat = x.flatten().float()
-    q = torch.tensor([1 - pct / 100, pct / 100], dtype=flat.dtype, device=flat.device)
-    lo, hi = torch.quantile(flat, q) if flat.numel() <= 2 ** 24 else torch.quantile(flat[: 2 ** 24], q)
-    return lo, hi
+# RepQ-ViT's candidate clipping percentiles (as fractions): the range is the best of these by L2 error.
+PERCENTILES = (0.999, 0.9999, 0.99999)
+_TORCH_QUANTILE_MAX = 2 ** 24  # torch.quantile refuses larger inputs
+
+
+def quantile(x: torch.Tensor, q: float, dim: int | None = None) -> torch.Tensor:
+    """``torch.quantile`` (linear interpolation), through numpy for inputs torch refuses."""
+    if x.numel() <= _TORCH_QUANTILE_MAX:
+        return torch.quantile(x, q, dim=dim)
+    return torch.as_tensor(np.asarray(np.quantile(x.cpu().numpy(), q, axis=dim)), dtype=x.dtype, device=x.device)
+
+
+def percentile_range(x: torch.Tensor, bits: int, symmetric: bool = False, channel_dim: int | None = None,
+                     candidates: tuple[float, ...] = PERCENTILES) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT's range search: of the ranges ``[quantile(1 - p), quantile(p)]`` for the
+    candidate fractions ``p``, the one whose quantization has the least mean squared error
+    (per channel along ``channel_dim``, else per tensor). All values are used."""
+    x2 = x.float().reshape(1, -1) if channel_dim is None else x.float().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
+    qmin, qmax = qrange(bits, symmetric)
+    best_err = best_lo = best_hi = None
+    for p in candidates:
+        lo, hi = quantile(x2, 1.0 - p, dim=1), quantile(x2, p, dim=1)
+        scale, zp = scale_zero_point(lo, hi, bits, symmetric)
+        err = (fake_quant(x2, scale, zp, qmin, qmax, axis=0) - x2).pow(2).mean(dim=1)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    if channel_dim is None:
+        return best_lo.reshape(()), best_hi.reshape(())
+    return best_lo, best_hi
 
 
 def mse_range(x: torch.Tensor, bits: int, symmetric: bool, channel_dim: int | None = None,
@@ -129,6 +170,18 @@ def log2_mse_delta(x: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:
     for ratio in torch.linspace(1.0, 0.5, grid).tolist():
         delta = top * ratio
         err = (log2_fake_quant(x, delta, bits) - x).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = delta, err
+    return best
+
+
+def log2_percentile_delta(x: torch.Tensor, bits: int, candidates: tuple[float, ...] = PERCENTILES) -> torch.Tensor:
+    """RepQ-ViT's log-√2 ``delta``: the candidate percentile of ``x`` with the least squared error."""
+    flat = x.float().flatten()
+    best, best_err = None, math.inf
+    for p in candidates:
+        delta = quantile(flat, p).clamp_min(1e-8)
+        err = (log2_fake_quant(flat, delta, bits) - flat).pow(2).mean().item()
         if err < best_err:
             best, best_err = delta, err
     return best

@@ -3,6 +3,9 @@ numerics of :mod:`dfqvit.quant.primitives`.
 
 A quantizer is in one of three states: *off* (identity; bits >= 16 or before calibration),
 *observing* (records statistics, passes values through) and *calibrated* (fake-quantizes).
+With ``calibrate_on_call`` an activation quantizer instead takes its range from the first
+tensor it sees and quantizes it at once: RepQ-ViT's order, in which every quantizer is
+calibrated on the already-quantized stream of the quantizers before it.
 Scales and zero points are buffers, so they travel with ``state_dict``.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import nn
 from . import primitives as P
 
 MAX_SAMPLES_PER_BATCH = 1 << 18  # values kept per observed batch for percentile / MSE search
-MAX_SAMPLES = 1 << 18            # values the range search runs on (a uniform subsample)
+MAX_SAMPLES = 1 << 18            # values the MSE search runs on (a uniform subsample)
 RANGE_METHODS = ("minmax", "percentile", "mse")
 
 
@@ -35,12 +38,28 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}"
 
 
+def _subsample_rows(values: torch.Tensor, limit: int = MAX_SAMPLES) -> torch.Tensor:
+    """At most ``limit`` elements' worth of rows of ``values``, drawn uniformly (fixed seed)."""
+    rows = max(1, limit // max(1, values[0].numel())) if values.ndim > 1 else limit
+    if values.shape[0] <= rows:
+        return values
+    idx = torch.randperm(values.shape[0], generator=torch.Generator().manual_seed(0))[:rows]
+    return values[idx.to(values.device)]
+
+
 class ActQuantizer(Quantizer):
-    """Per-tensor uniform activation quantizer; range by min-max, percentile or MSE search."""
+    """Uniform activation quantizer, per tensor; range by min-max, percentile or MSE search.
+
+    ``channel_wise`` (calibration only): the range is searched per channel (last dim) and
+    applied per channel, until :func:`dfqvit.quant.reparam.fold_channel_ranges` folds the
+    channel ranges into the LayerNorm before it and makes the quantizer per-tensor again."""
 
     def __init__(self, bits: int, symmetric: bool = False, method: str = "mse"):
         super().__init__(bits)
         self.symmetric, self.method = symmetric, method
+        self.calibrate_on_call = False
+        self.channel_wise = False
+        self.fractional_zero_point = False
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self._samples: list[torch.Tensor] = []
@@ -49,11 +68,44 @@ class ActQuantizer(Quantizer):
     def samples(self) -> torch.Tensor:
         """The observed values (subsampled uniformly to at most ``MAX_SAMPLES``), plus the
         exact extremes so that min-max stays reachable."""
-        values = torch.cat(self._samples)
-        if values.numel() > MAX_SAMPLES:
-            idx = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:MAX_SAMPLES]
-            values = values[idx]
+        values = _subsample_rows(torch.cat(self._samples))
         return torch.cat([values, self._lo.reshape(1).cpu(), self._hi.reshape(1).cpu()])
+
+    def search_range(self, values: torch.Tensor, channel_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) of ``values`` by this quantizer's method (per channel along ``channel_dim``)."""
+        if self.method == "minmax":
+            return P.minmax_range(values, channel_dim)
+        if self.method == "percentile":
+            return P.percentile_range(values, self.bits, self.symmetric, channel_dim)
+        return P.mse_range(_subsample_rows(values), self.bits, self.symmetric, channel_dim)
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zp = P.scale_zero_point(lo.reshape(-1), hi.reshape(-1), self.bits, self.symmetric)
+        self.set_scale_zero_point(scale, zp)
+
+    def set_scale_zero_point(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Per-tensor (one value each) or per-channel; a fractional per-tensor zero point is
+        kept as it is (RepQ-ViT's reparameterized inputs, see :func:`P.fake_quant_fractional`)."""
+        device = self.scale.device
+        self.scale, self.zero_point = scale.reshape(-1).float().to(device), zero_point.reshape(-1).float().to(device)
+        self.calibrated.fill_(True)
+        self._sync_zero_point_kind()
+
+    def _sync_zero_point_kind(self) -> None:
+        # A Python flag, so that the forward never has to inspect the tensor (no device sync).
+        self.fractional_zero_point = bool((self.zero_point != self.zero_point.round()).any())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_zero_point_kind()
+
+    def calibrate_on(self, x: torch.Tensor) -> None:
+        """Set the range from ``x`` itself (all of its values)."""
+        x = x.detach().float()
+        if self.channel_wise:
+            self.set_range(*self.search_range(x.reshape(-1, x.shape[-1]), channel_dim=1))
+        else:
+            self.set_range(*self.search_range(x.flatten()))
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -73,31 +125,30 @@ class ActQuantizer(Quantizer):
         if self._lo is None:
             return  # never reached by calibration data (e.g. an unused branch)
         if self.method == "minmax":
-            lo, hi = self._lo.cpu(), self._hi.cpu()
+            self.set_range(self._lo.cpu(), self._hi.cpu())
         else:
-            values = self.samples()
-            if self.method == "percentile":
-                lo, hi = P.percentile_range(values)
-            else:
-                lo, hi = P.mse_range(values, self.bits, self.symmetric)
-        scale, zp = P.scale_zero_point(lo.reshape(1), hi.reshape(1), self.bits, self.symmetric)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zp)
-        self.calibrated.fill_(True)
+            self.set_range(*self.search_range(self.samples()))
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self._samples, self._lo, self._hi = [], None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing and not P.is_float(self.bits):
+        if P.is_float(self.bits):
+            return x
+        if self.observing:
             self.observe(x)
             return x
+        if self.calibrate_on_call and self.enabled and not self.calibrated:
+            self.calibrate_on(x)
         return self.fake_quant(x) if self.active else x
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = P.qrange(self.bits, self.symmetric)
-        return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax)
+        if self.fractional_zero_point:
+            return P.fake_quant_fractional(x, self.scale, self.zero_point, qmin, qmax)
+        axis = x.ndim - 1 if self.scale.numel() > 1 else None
+        return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax, axis=axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-tensor, {self.method}"
@@ -112,13 +163,22 @@ class Log2Quantizer(ActQuantizer):
     def compute_range(self) -> None:
         if self._lo is None:
             return
-        if self.method == "mse":
-            delta = P.log2_mse_delta(self.samples(), self.bits)
+        self.set_delta(self._hi.cpu() if self.method == "minmax" else self.samples())
+        self.reset_stats()
+
+    def calibrate_on(self, x: torch.Tensor) -> None:
+        self.set_delta(x.detach().float().flatten())
+
+    def set_delta(self, values: torch.Tensor) -> None:
+        """``delta`` from ``values`` by the method: its max, RepQ-ViT's percentile search, or MSE."""
+        if self.method == "percentile":
+            delta = P.log2_percentile_delta(values, self.bits)
+        elif self.method == "mse":
+            delta = P.log2_mse_delta(_subsample_rows(values), self.bits)
         else:
-            delta = self._hi.cpu().clamp_min(1e-8)
+            delta = values.max().clamp_min(1e-8)
         self.scale.copy_(delta.reshape(1))
         self.calibrated.fill_(True)
-        self.reset_stats()
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return P.log2_fake_quant(x, self.scale, self.bits)
@@ -146,6 +206,8 @@ class WeightQuantizer(Quantizer):
         w2 = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
         if self.method == "mse":
             lo, hi = P.mse_range(w2, self.bits, self.symmetric, channel_dim=0)
+        elif self.method == "percentile":
+            lo, hi = P.percentile_range(w2, self.bits, self.symmetric, channel_dim=0)
         else:
             lo, hi = P.minmax_range(w2, channel_dim=0)
         scale, zp = P.scale_zero_point(lo, hi, self.bits, self.symmetric)

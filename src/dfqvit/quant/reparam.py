@@ -27,8 +27,9 @@ from . import primitives as P
 from .modules import QLinear
 
 
-def layernorm_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, list[QLinear]]]:
-    """(name, LayerNorm, Linear layers fed directly by it) for timm ViT / DeiT / Swin."""
+def layernorm_consumers(model: nn.Module, include_head: bool = True) -> list[tuple[str, nn.LayerNorm, list[QLinear]]]:
+    """(name, LayerNorm, Linear layers fed directly by it) for timm ViT / DeiT / Swin; with
+    ``include_head`` also the final norm and the classifier(s)."""
     pairs = []
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -38,6 +39,8 @@ def layernorm_consumers(model: nn.Module) -> list[tuple[str, nn.LayerNorm, list[
             pairs.append((prefix + "norm2", m.norm2, [m.mlp.fc1]))
         if isinstance(getattr(m, "norm", None), nn.LayerNorm) and isinstance(getattr(m, "reduction", None), QLinear):
             pairs.append((prefix + "norm", m.norm, [m.reduction]))  # Swin patch merging
+    if not include_head:
+        return pairs
     # The final norm feeds the classifier through token selection or average pooling, both
     # of which commute with a per-channel affine map.
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -99,5 +102,49 @@ def reparameterize(model: nn.Module, batches, strength: float = 1.0, shift: bool
         for lin in consumers:
             lin.bias.sub_(lin.weight.double().matmul(offset.double()).to(lin.bias.dtype))
             lin.weight.mul_(r1[None, :])
+        done.append(name)
+    return done
+
+
+@torch.no_grad()
+def fold_pair(norm: nn.LayerNorm, consumers: list[QLinear], scale: torch.Tensor, zero_point: torch.Tensor,
+              round_zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepQ-ViT's reparameterization of one LayerNorm → consumers pair from the per-channel
+    input range (``scale`` s_c, ``zero_point`` z_c): the LN output becomes
+    ``x' = (x + offset) / r1`` with ``r1 = s / mean(s)``, ``offset = s·(z - z̄)``, and the
+    consumers' input quantizers become per-tensor with scale ``mean(s)``, zero point ``z̄``.
+
+    ``z̄ = mean(z)`` as in RepQ-ViT's code (``round_zero_point=False``): the clamp ends of the
+    folded input then fall half-way between grid points (up to ``2^b + 1`` levels; not an
+    exact b-bit integer quantizer). ``z̄ = round(mean(z))`` makes the per-tensor quantizer
+    compute exactly the per-channel quantization it replaces. Returns (offset, r1)."""
+    s, z = scale.double(), zero_point.double()
+    r1 = s / s.mean()
+    z_common = torch.round(z.mean()) if round_zero_point else z.mean()
+    offset = s * (z - z_common)
+    norm.bias.copy_(((norm.bias.double() + offset) / r1).to(norm.bias.dtype))
+    norm.weight.copy_((norm.weight.double() / r1).to(norm.weight.dtype))
+    for lin in consumers:
+        lin.bias.sub_(lin.weight.double().matmul(offset).to(lin.bias.dtype))
+        lin.weight.mul_(r1[None, :].to(lin.weight.dtype))
+        lin.input_quant.channel_wise = False
+        lin.input_quant.set_scale_zero_point(s.mean(), z_common)
+    return offset.float(), r1.float()
+
+
+@torch.no_grad()
+def fold_channel_ranges(pairs: list[tuple[str, nn.LayerNorm, list[QLinear]]]) -> list[str]:
+    """RepQ-ViT's reparameterization after its calibration pass: each pair folded from the
+    consumers' calibrated per-channel input ranges (:func:`fold_pair`, fractional zero point
+    as in its code); the consumers' weights changed, so their weight quantizers are
+    calibrated again."""
+    done = []
+    for name, norm, consumers in pairs:
+        quantizer = consumers[0].input_quant
+        if not quantizer.channel_wise or not quantizer.calibrated:
+            continue
+        fold_pair(norm, consumers, quantizer.scale, quantizer.zero_point, round_zero_point=False)
+        for lin in consumers:
+            lin.weight_quant.calibrate(lin.weight)
         done.append(name)
     return done
