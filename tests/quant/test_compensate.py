@@ -3,6 +3,7 @@ sequential calibration that applies it layer by layer."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -109,3 +110,10 @@ def test_sequential_order_sees_the_quantized_stream(tiny_model, tiny_images):
         return P.scale_zero_point(lo.reshape(1), hi.reshape(1), q.bits, q.symmetric)[0]
     torch.testing.assert_close(q.scale, scale_of(quantized_stream), rtol=1e-6, atol=0)
     assert not torch.allclose(q.scale, scale_of(float_stream), rtol=1e-3)
+
+
+def test_scheme_rejects_unknown_order_and_rounding():
+    base = QuantConfig(preset="repq-comp").scheme
+    for bad in (dict(order="lazy"), dict(weight_rounding="adaround"), dict(order="float", compensate=True)):
+        with pytest.raises(ValueError):
+            dataclasses.replace(base, **bad)

@@ -7,13 +7,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import QuantConfig
-from .convert import quantizers
-from .quantizers import ActQuantizer, WeightQuantizer
 from . import primitives as P
 from .compensate import compensate_linear
+from .config import QuantConfig
+from .convert import quantizers
 from .modules import QLinear
+from .quantizers import ActQuantizer, WeightQuantizer
 from .reparam import fold_channel_ranges, fold_pair, layernorm_consumers, reparameterize
+
+
+def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
 
 
 @contextlib.contextmanager
@@ -33,7 +37,7 @@ def quantization_disabled(model: nn.Module):
 @contextlib.contextmanager
 def observing(model: nn.Module):
     """Activation quantizers record what flows through them; ranges are set on exit."""
-    acts = [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
+    acts = activation_quantizers(model)
     for q in acts:
         q.observing = True
     try:
@@ -61,7 +65,7 @@ def _batches(images: torch.Tensor, batch_size: int, desc: str, progress: bool):
 @contextlib.contextmanager
 def calibrating_on_call(model: nn.Module):
     """Every activation quantizer takes its range from the first tensor it sees."""
-    acts = [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
+    acts = activation_quantizers(model)
     for q in acts:
         q.calibrate_on_call = True
     try:
@@ -96,9 +100,10 @@ def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, don
         (x, *rest) = args
         if fold is not None:
             pair_name, norm = fold
-            lo, hi = lin.input_quant.search_range(x.reshape(-1, x.shape[-1]).float(), channel_dim=1)
-            s, z = P.scale_zero_point(lo, hi, lin.input_quant.bits, lin.input_quant.symmetric)
-            offset, r1 = fold_pair(norm, [lin], s, z, round_zero_point=True)
+            q = lin.input_quant
+            q.channel_wise = True
+            q.calibrate_on(x)                     # per-channel ranges of this very input
+            offset, r1 = fold_pair(norm, [lin], q.scale, q.zero_point, round_zero_point=True)
             x = ((x + offset) / r1).to(x.dtype)
             done.append(pair_name)
         elif not P.is_float(lin.input_quant.bits):
@@ -172,7 +177,7 @@ def calibrate(model: nn.Module, config: QuantConfig, images: torch.Tensor, batch
             done["reparameterized"] = reparameterize(model, _batches(images, batch_size, "reparam", progress),
                                                      config.scheme.reparam_strength, config.scheme.reparam_shift)
     calibrate_weights(model)
-    acts = [q for _, q in quantizers(model) if isinstance(q, ActQuantizer)]
+    acts = activation_quantizers(model)
     for q in acts:
         q.enabled = False
     try:

@@ -13,6 +13,8 @@ CONFIG_VERSION = 2
 _V1_RENAMED = {"psaq": "minmax"}
 _V1_REDEFINED = ("repq-vit",)
 FLOAT_BIT_VALUES = (16, 32)
+ORDERS = ("float", "sequential")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class QuantScheme:
     ridge: float = 10.0             # λ relative to mean(diag(x̂ᵀx̂)); measured 0.01..1000 on the zoo (docs/RESULTS.md)
     weight_rounding: str = "gptq"   # gptq | nearest
 
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"QuantScheme.order must be one of {ORDERS}, not {self.order!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"QuantScheme.weight_rounding must be one of {WEIGHT_ROUNDINGS}, not {self.weight_rounding!r}")
+        if self.compensate and self.order != "sequential":
+            raise ValueError("QuantScheme.compensate needs order='sequential'")
+
 
 PRESETS = {
     # RepQ-ViT class: MSE-searched per-channel weights, MSE-searched per-tensor activations,
@@ -60,7 +70,6 @@ PRESETS = {
     # stream and the pre-softmax scores too); formerly, wrongly, named "psaq".
     "minmax": QuantScheme(w_method="minmax", w_symmetric=True, a_method="minmax", log2_softmax=False, reparam=False),
 }
-ORDERS = ("float", "sequential")
 
 
 def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
