@@ -206,6 +206,23 @@ def test_train_out_must_be_safetensors(assert_one_line_error, tmp_path, tiny_fmn
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_refuses_other_data_and_an_unresumed_state(assert_one_line_error, tmp_path, tiny_fmnist_dir, capsys):
+    base = ["train", "--model", VIT, "--model-kwargs", *VIT_KW, "--data-dir", str(tiny_fmnist_dir),
+            "--out", str(tmp_path / "model.safetensors")]
+    assert main(base + ["--data", "imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "fashion-scenes" in err
+    (tmp_path / "model.train-state.pt").write_bytes(b"x")
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert "--resume" in err
+    assert main(base + ["--resume"]) == 2               # a broken state: one line, nothing written
+    assert_one_line_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.train-state.pt"]
+
+
 # ----------------------------------------------------------------------------- train
 
 def test_train_smoke(run_cli, tmp_path, tiny_fmnist_dir, monkeypatch):

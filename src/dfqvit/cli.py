@@ -64,7 +64,7 @@ def device_arg(value: str) -> str:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"built-in dataset ({FASHION_MNIST})")
+    g.add_argument("--data", default=None, help=f"built-in dataset ({FASHION_MNIST}, fashion-scenes)")
     g.add_argument("--data-dir", help="ImageFolder root, or where the Fashion-MNIST IDX files are")
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found")
     g.add_argument("-b", "--batch-size", type=int, default=256)
@@ -172,7 +172,7 @@ def report_eval(args, name: str, result, param_count: int, data_config: dict, ru
 def cmd_train(args) -> int:
     from safetensors.torch import save_file
 
-    from .train import TrainConfig, dump_json, train, zoo_card
+    from .train import TRAIN_DATASETS, TrainConfig, checkpoint_path, dump_json, train, zoo_card
 
     spec = spec_from_args(args)
     if spec.zoo and not args.checkpoint:
@@ -184,21 +184,30 @@ def cmd_train(args) -> int:
                            ("--hflip", 0 <= args.hflip <= 1, "in [0, 1]")):
         if not ok:
             raise UserError(f"{flag} must be {rule} (got {getattr(args, flag[2:].replace('-', '_'))})")
+    args.data = args.data or FASHION_MNIST
+    if args.data not in TRAIN_DATASETS:
+        raise UserError(f"dfqvit train uses a built-in dataset: --data {' or '.join(TRAIN_DATASETS)} "
+                        f"(got {args.data!r})")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, shift=args.shift, hflip=args.hflip,
-                      amp=args.amp, seed=args.seed, eval_every=args.eval_every)
+                      amp=args.amp, seed=args.seed, eval_every=args.eval_every, dataset=args.data)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors (got {out})")
-    model, data_config, seconds, history = train(spec, cfg, device=args.device, data_dir=args.data_dir)
-    args.data = FASHION_MNIST
+    state_path = checkpoint_path(out)
+    if state_path.exists() and not args.resume:
+        raise UserError(f"{state_path} holds an unfinished run: add --resume to continue it, "
+                        "or delete it to start over")
+    model, data_config, seconds, history = train(spec, cfg, device=args.device, data_dir=args.data_dir,
+                                                 state_path=state_path, resume=args.resume)
     result = evaluate(model, eval_loader(args, data_config), desc="test")
     command = "dfqvit " + shlex.join(sys.argv[1:])
     card = zoo_card(spec, data_config, cfg, model, result, seconds, args.device, command, out.name, history)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     write_text_atomic(out.with_suffix(".json"), dump_json(card))
+    state_path.unlink(missing_ok=True)
     print(f"trained {spec.name} in {seconds:.0f}s: top1 {result.top1:.2f} top5 {result.top5:.2f} -> {out}")
     return 0
 
@@ -399,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="train a model on Fashion-MNIST (reproduces the zoo)")
+    p = sub.add_parser("train", help="train a model on fashion-mnist or fashion-scenes (reproduces the zoo)")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--epochs", type=int, default=12)
@@ -413,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the test top-1 every N epochs (monitoring only; the last epoch is kept)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run saved next to --out (OUT.train-state.pt, written every "
+                        "epoch and every 10 minutes)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors); the card goes next to it")
     p.set_defaults(func=cmd_train, batch_size=128)
 

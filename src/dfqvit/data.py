@@ -19,6 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
+from .scenes import FASHION_SCENES, FashionScenes
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_ENV = "DFQVIT_FASHION_MNIST"
@@ -158,13 +159,18 @@ def make_dataset(data: str | None, data_config: dict, split: str = "test", data_
                  train_transform: bool = False, download: bool = False) -> Dataset:
     """``data`` is a built-in dataset name; without it ``data_dir`` is an ImageFolder."""
     transform = make_transform(data_config, train=train_transform)
+    if data == FASHION_SCENES:
+        ds = FashionScenes(split, transform=transform, data_dir=data_dir)
+        if data_config["input_size"][0] == 1:
+            ds.transform = lambda img: transform(img.convert("L"))
+        return ds
     if data == FASHION_MNIST:
         ds = FashionMNIST(split, transform=transform, data_dir=data_dir, download=download)
         if data_config["input_size"][0] != 1:
             ds.transform = lambda img: transform(img.convert("RGB"))
         return ds
     if data is not None:
-        raise UserError(f"unknown dataset {data!r}; built-in: {FASHION_MNIST}. "
+        raise UserError(f"unknown dataset {data!r}; built-in: {FASHION_MNIST}, {FASHION_SCENES}. "
                         "For other data pass --data-dir with an ImageFolder directory.")
     if data_dir is None:
         raise UserError(f"no data given: pass --data {FASHION_MNIST} or --data-dir DIR (an ImageFolder)")
