@@ -44,6 +44,7 @@ DEFAULT_NOISE_SHARE = {"full": 0.5, "diag": 0.0}
 # dfq draws its unoptimised starts from ``seed`` itself; the fit's noise must not repeat them.
 NOISE_SEED_OFFSET = 1000
 FULL_FROM_A_BITS = 8
+MAX_QUANTIZED_BITS = 8   # 16 / 32 bits mean float activations
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ACMConfig:
     def resolved(self, a_bits: int | None) -> ACMConfig:
         """The concrete kind, ridge and noise share used for a model quantized with ``a_bits``
         activations (``a_bits`` matters only for ``auto``)."""
+        if self.kind == "auto" and a_bits > MAX_QUANTIZED_BITS:
+            return replace(self, kind="off")  # float activations: nothing to correct
         kind = self.kind if self.kind != "auto" else ("full" if a_bits >= FULL_FROM_A_BITS else "diag")
         ridge = self.ridge if self.ridge is not None else DEFAULT_RIDGE.get(kind)
         noise_share = self.noise_share if self.noise_share is not None else DEFAULT_NOISE_SHARE.get(kind, 0.0)
@@ -152,6 +155,19 @@ def attach_corrections(model: nn.Module, config: ACMConfig) -> list[str]:
         _set_submodule(model, name, Corrected(module, ActivationCorrection(dim, config.kind)))
         names.append(name)
     return names
+
+
+def correction_layout(model: nn.Module) -> dict | None:
+    """``{"kind", "where"}`` of the corrections attached to ``model`` (None when it has none):
+    what :func:`attach_corrections` needs to rebuild the same structure when reloading."""
+    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, Corrected)]
+    if not wrappers:
+        return None
+    kinds = {m.acm.kind for _, m in wrappers}
+    where = {"branch" if name.endswith((".attn", ".mlp")) else "block" for name, _ in wrappers}
+    if len(kinds) != 1 or len(where) != 1:
+        raise ValueError(f"mixed activation corrections ({sorted(kinds)}, {sorted(where)}) cannot be saved")
+    return {"kind": kinds.pop(), "where": where.pop()}
 
 
 class _Stop(Exception):

@@ -5,8 +5,10 @@ The flags mirror timm's ``validate.py`` so that a user's command line carries ov
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_PREFIX = "zoo:"
@@ -35,13 +37,13 @@ class ModelSpec:
     zoo: str | None = None         # the zoo entry it came from, if any
 
 
-def parse_kwargs(items: list[str] | None) -> dict:
+def parse_kwargs(items: list[str] | None, flag: str = "--model-kwargs", example: str = "depth=6") -> dict:
     """``key=value`` strings to a dict, values parsed as Python literals like timm's validate.py."""
     kwargs = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UserError(f"bad --model-kwargs item {item!r}: expected key=value, e.g. depth=6")
+            raise UserError(f"bad {flag} item {item!r}: expected key=value, e.g. {example}")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -88,12 +90,6 @@ def _check_model_name(name: str) -> None:
     raise UserError(f"unknown model {name!r}.{hint}")
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type name (an empty file's EOFError has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or ``.pth`` (weights only) checkpoint; unwraps ``state_dict``/``model``."""
     path = Path(path)
@@ -104,9 +100,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     except Exception as e:  # pickle refuses non-weight objects with its own error types
-        raise UserError(f"cannot read checkpoint {path} as weights only: {_first_line(e)}") from None
+        raise UserError(f"cannot read checkpoint {path} as weights only: {first_line(e)}") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -114,6 +110,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or ±Inf: a model computed with them reports garbage, not an error."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise UserError(f"{source} holds NaN or infinite values in {shown}; the checkpoint is damaged "
+                        "or came from a diverged training run")
 
 
 def load_checkpoint_strict(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -132,18 +137,44 @@ def load_checkpoint_strict(model: torch.nn.Module, state: dict, source: str) -> 
                 parts.append(f"{title}: {shown}")
         raise UserError(f"checkpoint {source} does not fit the model ({'; '.join(parts)}). "
                         "Check --model, --model-kwargs and --num-classes.")
+    check_finite(state, f"checkpoint {source}")
     model.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The hub client logs each failed request as a warning; the failure becomes our one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _pretrained_error(name: str, e: BaseException) -> UserError:
+    return UserError(f"cannot get timm's pretrained weights for {name} ({type(e).__name__}: {first_line(e)}); "
+                     "without network access pass --checkpoint FILE instead of --pretrained (or pre-fill "
+                     "the Hugging Face cache and set HF_HUB_OFFLINE=1)")
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """Create the timm model of ``spec`` in eval mode, with its checkpoint loaded."""
     _check_model_name(spec.name)
     try:
-        model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
+        with _quiet_hub() if spec.pretrained else contextlib.nullcontext():
+            model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
     except TypeError as e:
         raise UserError(f"bad --model-kwargs for {spec.name}: {e}") from None
     except (ValueError, AssertionError, RuntimeError) as e:
+        if spec.pretrained:
+            raise _pretrained_error(spec.name, e) from None
         raise UserError(f"cannot build {spec.name} with {spec.kwargs}: {e or type(e).__name__}") from None
+    except Exception as e:  # the hub client raises its own types (no network, no such weights, no cache)
+        if spec.pretrained:
+            raise _pretrained_error(spec.name, e) from None
+        raise
     if spec.checkpoint:
         load_checkpoint_strict(model, load_state_dict(spec.checkpoint), spec.checkpoint)
     return model.eval()
@@ -163,6 +194,8 @@ def resolve_data_config(model: torch.nn.Module, overrides: dict | None = None) -
         if key not in DATA_CONFIG_KEYS:
             raise UserError(f"unknown data config key {key!r}; known: {', '.join(DATA_CONFIG_KEYS)}")
         cfg[key] = tuple(value) if isinstance(value, list) else value
+    cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
+    _check_input_size(model, cfg["input_size"])
     in_chans = cfg["input_size"][0]
     for key in ("mean", "std"):
         value = tuple(float(v) for v in cfg[key])
@@ -173,8 +206,24 @@ def resolve_data_config(model: torch.nn.Module, overrides: dict | None = None) -
         if len(value) != in_chans:
             raise UserError(f"--{key} has {len(value)} values but the model has {in_chans} input channels")
         cfg[key] = value
-    cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
     return cfg
+
+
+def _check_input_size(model: torch.nn.Module, input_size: tuple[int, int, int]) -> None:
+    """A ViT / Swin built for one image size and channel count takes only that: say so up front."""
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise UserError(f"--input-size must be three positive numbers C H W (got {' '.join(map(str, input_size))})")
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    if proj is not None and getattr(proj, "in_channels", None) and proj.in_channels != input_size[0]:
+        raise UserError(f"the model takes {proj.in_channels}-channel images but the input size is "
+                        f"{'x'.join(map(str, input_size))}; fix --input-size or build it with --in-chans")
+    img_size = getattr(patch_embed, "img_size", None)
+    strict = getattr(patch_embed, "strict_img_size", True) and not getattr(patch_embed, "dynamic_img_size", False)
+    if img_size and strict and tuple(img_size) != tuple(input_size[1:]):
+        raise UserError(f"the model was built for {img_size[0]}x{img_size[1]} images but the input size is "
+                        f"{input_size[1]}x{input_size[2]}; fix --input-size, or build the model for that size "
+                        f"with --img-size (its checkpoint must fit)")
 
 
 def load_model(model: str, **kwargs) -> tuple[torch.nn.Module, dict, ModelSpec]:

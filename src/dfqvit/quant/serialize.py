@@ -21,11 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 from .. import __version__
-from ..acm import ACMConfig, ActivationCorrection, Corrected, attach_corrections
-from ..errors import UserError
+from ..acm import ACMConfig, ActivationCorrection, Corrected, attach_corrections, correction_layout
+from ..errors import UserError, first_line
 from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
@@ -35,6 +36,7 @@ from .quantizers import Quantizer
 
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
+METADATA_KEY = "dfqvit"
 CONFIG_FILE = "quantization_config.json"
 
 
@@ -130,9 +132,15 @@ def save_quantized(model: torch.nn.Module, spec: ModelSpec, config: QuantConfig,
         **(extra or {}),
         "packed_weights": table,
     }
+    # The model is the truth about its corrections (a Python caller fits them without telling us).
+    layout = correction_layout(model)
+    meta["acm"] = {**(meta.get("acm") or {}), **layout} if layout else {"kind": "off"}
     with atomic_dir(out_dir, force=force) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "dfqvit": __version__, "dfqvit_format": str(FORMAT_VERSION)})
+        # One metadata key: safetensors writes its metadata map in arbitrary order, so with
+        # several keys identical weights would give files that hash differently.
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={METADATA_KEY: json.dumps(
+            {"dfqvit": __version__, "format_version": FORMAT_VERSION, "quantization": config.to_dict()},
+            sort_keys=True)})
         file_bytes = os.path.getsize(tmp / WEIGHTS_FILE)
         fp32_bytes = fp32_safetensors_bytes(model)
         meta["size"] = {"model_safetensors_bytes": file_bytes, "fp32_safetensors_bytes": fp32_bytes,
@@ -146,6 +154,7 @@ def save_quantized(model: torch.nn.Module, spec: ModelSpec, config: QuantConfig,
 
 
 def read_meta(path) -> dict:
+    """The JSON of a saved quantized model, checked enough that every later step can trust it."""
     path = Path(path)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
@@ -153,11 +162,51 @@ def read_meta(path) -> dict:
                         "create one with `dfqvit quantize --out DIR`")
     try:
         meta = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg} is not valid JSON: {e}") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer dfqvit (format {meta['format_version']}); upgrade dfqvit")
+    damaged = "the file was edited or damaged; restore it or quantize the model again"
+    if not isinstance(meta, dict):
+        raise UserError(f"{cfg} does not hold a JSON object; {damaged}")
+    version = meta.get("format_version")
+    if type(version) is not int:
+        raise UserError(f"{cfg}: format_version must be an integer (got {version!r}); {damaged}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer dfqvit (format {version}); upgrade dfqvit")
+    for key in ("model", "quantization"):
+        if not isinstance(meta.get(key), dict):
+            raise UserError(f"{cfg} has no '{key}' section; {damaged}")
+    try:
+        ModelSpec(**meta["model"])
+        QuantConfig.from_dict(meta["quantization"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{cfg}: bad 'model' or 'quantization' section ({e}); {damaged}") from None
+    for key in ("packed_weights", "acm"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise UserError(f"{cfg}: '{key}' must be an object; {damaged}")
     return meta
+
+
+def _read_weights(path: Path, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """``model.safetensors``, refused when damaged or saved with another quantization config."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the quantized model is incomplete (quantize it again)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = (f.metadata() or {}).get(METADATA_KEY)
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({first_line(e)}): truncated or damaged; quantize the model again") from None
+    if saved is not None:
+        try:
+            stored = QuantConfig.from_dict(json.loads(saved)["quantization"]).to_dict()
+        except (json.JSONDecodeError, KeyError, TypeError, UserError):
+            stored = None
+        if stored != config.to_dict():
+            changed = sorted(k for k in config.to_dict() if stored is None or stored.get(k) != config.to_dict()[k])
+            raise UserError(f"{path.parent / CONFIG_FILE} does not match the weights saved with it "
+                            f"(differs in: {', '.join(changed) or 'all'}); the JSON was edited; restore it, "
+                            "or quantize the model again with the settings you want")
+    return state
 
 
 def reference_spec(meta: dict) -> ModelSpec | None:
@@ -181,11 +230,29 @@ def load_quantized(path) -> tuple[torch.nn.Module, dict]:
     acm = meta.get("acm")
     if isinstance(acm, dict) and acm.get("kind", "off") != "off":
         # activation corrections (dfqvit.acm) saved with the model: same structure, then load
-        attach_corrections(model, ACMConfig(**acm))
+        try:
+            attach_corrections(model, ACMConfig(**acm))
+        except TypeError as e:
+            raise UserError(f"{Path(path) / CONFIG_FILE}: bad 'acm' section ({e})") from None
     weights = Path(path) / WEIGHTS_FILE
-    state = load_file(str(weights)) if weights.is_file() else {}
+    state = _read_weights(weights, config)
     table = meta.get("packed_weights") or {}
+    _check_code_bits(model, table, Path(path) / CONFIG_FILE)
     if table:
         state = unpack_state_dict(state, table, model.state_dict())
     load_checkpoint_strict(model, state, str(weights))
     return model.eval(), meta
+
+
+def _check_code_bits(model: torch.nn.Module, table: dict, source: Path) -> None:
+    """The stored codes' bit-widths must be the ones the config gives each layer (an edited
+    ``w_bits`` would otherwise reload silently with the old grid's values)."""
+    modules = dict(model.named_modules())
+    for key, entry in table.items():
+        module = modules.get(key[: -len(".weight")])
+        wq = getattr(module, "weight_quant", None)
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise UserError(f"{source}: bad packed_weights entry for {key}; the file was edited or damaged")
+        if wq is None or wq.bits != entry["bits"]:
+            raise UserError(f"{source} gives {key} {getattr(wq, 'bits', 'no')}-bit weights but its codes are stored "
+                            f"at {entry['bits']} bits; the JSON was edited: restore it or quantize the model again")
