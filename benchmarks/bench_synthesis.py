@@ -24,7 +24,6 @@ are included in the timing, as in ``dfqvit quantize``.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 from common import markdown_table, mean_std, publish
 
@@ -44,7 +43,6 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             options = {"iterations": iters, "progress": False} if iters else (
                 {"data": FASHION_MNIST} if source == "real" else {})
-            start = time.perf_counter()
             _, row, _ = run_quantization(model, data_config, qconfig, CalibSpec(source, args.calib_size, seed, options),
                                          evalset, acm=ACMConfig(kind=args.acm), progress=False)
             top1.append(row["top1"])

@@ -185,8 +185,8 @@ def test_make_dataset_three_channel_model_config(tiny_fmnist_dir):
 
 
 @pytest.mark.parametrize("size", [32, 20])
-def test_make_dataset_input_size_override(tiny_fmnist_dir, vit_tiny, size):
-    cfg = resolve_data_config(vit_tiny, {"input_size": (1, size, size)})
+def test_make_dataset_input_size_override(tiny_fmnist_dir, size):
+    cfg = {**config(), "input_size": (1, size, size)}
     x, _ = make_dataset(FASHION_MNIST, cfg, data_dir=tiny_fmnist_dir)[0]
     assert x.shape == (1, size, size)
 

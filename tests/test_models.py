@@ -64,12 +64,20 @@ def test_data_config_other_img_size():
 
 def test_data_config_overrides(vit_tiny):
     cfg = resolve_data_config(vit_tiny, {"mean": [0.286], "std": (0.353,), "crop_pct": 1.0,
-                                         "interpolation": "bilinear", "input_size": [1, 32, 32]})
+                                         "interpolation": "bilinear", "input_size": [1, 28, 28]})
     assert cfg["mean"] == (0.286,) and cfg["std"] == (0.353,)
     assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
-    assert cfg["input_size"] == (1, 32, 32)
+    assert cfg["input_size"] == (1, 28, 28)
     # None means "not given" (argparse defaults)
     assert resolve_data_config(vit_tiny, {"mean": None, "crop_pct": None}) == resolve_data_config(vit_tiny)
+
+
+@pytest.mark.parametrize("input_size, message", [
+    ([1, 32, 32], "built for 28x28 images"), ([3, 28, 28], "takes 1-channel images"),
+    ([1, 0, 28], "three positive numbers")])
+def test_input_size_that_the_model_cannot_take_is_refused(vit_tiny, input_size, message):
+    with pytest.raises(UserError, match=message):
+        resolve_data_config(vit_tiny, {"input_size": input_size})
 
 
 def test_data_config_single_value_broadcasts():

@@ -1,4 +1,4 @@
-"""``dfqvit`` command line: eval, quantize, synth, train, export.
+"""dfqvit command line: eval, quantize, synth, train, export.
 
 Flags mirror timm's validate.py. A :class:`UserError` anywhere becomes one line on stderr
 and exit status 2.
@@ -11,15 +11,17 @@ import io
 import json
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from . import __version__
 from .data import FASHION_MNIST, make_dataset, make_loader
 from .errors import UserError
 from .evaluate import evaluate
-from .fileio import atomic_path, refuse_existing, write_text_atomic
+from .fileio import atomic_path, check_writable, refuse_existing, write_text_atomic
 from .models import ModelSpec, build_model, count_params, parse_kwargs, resolve_data_config, resolve_spec
 
 
@@ -62,14 +64,34 @@ def device_arg(value: str) -> str:
     raise argparse.ArgumentTypeError(f"device {value!r} is not available here; use cpu or cuda")
 
 
+def whole_number(value: str, minimum: int = 0) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = minimum - 1
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum} (got {value!r})")
+    return n
+
+
+def positive_int(value: str) -> int:
+    return whole_number(value, 1)
+
+
+def add_device_arg(g) -> None:
+    g.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help=f"built-in dataset ({FASHION_MNIST}, fashion-scenes)")
     g.add_argument("--data-dir", help="ImageFolder root, or where the Fashion-MNIST IDX files are")
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST if not found")
-    g.add_argument("-b", "--batch-size", type=int, default=256)
-    g.add_argument("-j", "--workers", type=int, default=0)
-    g.add_argument("--device", type=device_arg, default="cpu", help="cpu (default), cuda or cuda:N")
+    g.add_argument("-b", "--batch-size", type=positive_int, default=256)
+    g.add_argument("-j", "--workers", type=whole_number, default=0, help="data loading worker processes")
+    g.add_argument("--limit", "--eval-size", type=positive_int, metavar="N",
+                   help="evaluate on the first N images of the split only")
+    add_device_arg(g)
 
 
 def add_results_args(p: argparse.ArgumentParser) -> None:
@@ -92,13 +114,27 @@ def spec_from_args(args) -> ModelSpec:
     )
 
 
-def eval_loader(args, data_config: dict, split: str = "test"):
+def default_data(args, zoo: str | None, split: str = "test") -> str | None:
+    """``--data`` when not given: a --data-dir holding Fashion-MNIST's IDX files means
+    fashion-mnist; a zoo model means the dataset it was trained on; otherwise the user must say."""
     from .data import find_idx_files
+    from .models import zoo_card
 
-    if args.data is None and (args.data_dir is None or find_idx_files(split, args.data_dir)):
-        args.data = FASHION_MNIST  # the default, or a --data-dir holding its IDX files
-    dataset = make_dataset(args.data, data_config, split=split, data_dir=args.data_dir,
-                           download=args.download)
+    if args.data is not None:
+        return args.data
+    if args.data_dir is not None:
+        return FASHION_MNIST if find_idx_files(split, args.data_dir) else None
+    if zoo:
+        return zoo_card(zoo).get("dataset", FASHION_MNIST)
+    raise UserError("no evaluation data: pass --data fashion-mnist or fashion-scenes, or --data-dir DIR (an "
+                    "ImageFolder of the model's classes)" + (", or --no-eval" if hasattr(args, "no_eval") else ""))
+
+
+def eval_loader(args, data_config: dict, split: str = "test", zoo: str | None = None):
+    data = default_data(args, zoo, split)
+    dataset = make_dataset(data, data_config, split=split, data_dir=args.data_dir, download=args.download)
+    if args.limit is not None and args.limit < len(dataset):
+        dataset = Subset(dataset, range(args.limit))
     return make_loader(dataset, args.batch_size, workers=args.workers)
 
 
@@ -132,7 +168,7 @@ def _quantized_and_reference(args):
               file=sys.stderr)
     saved = meta["model"]
     data_config = resolve_data_config(model, saved["data_config"])
-    return model.to(args.device), reference, data_config, f"{args.quantized}"
+    return model.to(args.device), reference, data_config, f"{args.quantized}", saved.get("zoo")
 
 
 def cmd_eval(args) -> int:
@@ -140,12 +176,13 @@ def cmd_eval(args) -> int:
         from .export.cli import cmd_eval_onnx
         return cmd_eval_onnx(args)
     if args.quantized:
-        model, reference, data_config, name = _quantized_and_reference(args)
+        model, reference, data_config, name, zoo = _quantized_and_reference(args)
     else:
         spec = spec_from_args(args)
-        model, reference, name = build_model(spec).to(args.device), None, args.model
+        model, reference, name, zoo = build_model(spec).to(args.device), None, args.model, spec.zoo
         data_config = resolve_data_config(model, spec.data_config)
-    result = evaluate(model, eval_loader(args, data_config), device=args.device, reference=reference, desc=name)
+    result = evaluate(model, eval_loader(args, data_config, zoo=zoo), device=args.device, reference=reference,
+                      desc=name)
     return report_eval(args, name, result, count_params(model), data_config)
 
 
@@ -195,6 +232,7 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors (got {out})")
+    check_writable(out)
     state_path = checkpoint_path(out)
     if state_path.exists() and not args.resume:
         raise UserError(f"{state_path} holds an unfinished run: add --resume to continue it, "
@@ -213,10 +251,30 @@ def cmd_train(args) -> int:
 
 
 def _first_last_bits(value: str) -> int | None:
-    return None if value.lower() in ("none", "same") else int(value)
+    if value.lower() in ("none", "same"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit-width such as 8, or none (got {value!r})") from None
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
+def synth_fields_epilog() -> str:
+    """The --synth-opts fields of each synthesis source, with their defaults (help epilog)."""
+    from dataclasses import MISSING, fields
+
+    from .calib.synthesis import DFQSynthConfig, PSAQSynthConfig
+
+    lines = ["--synth-opts FIELD=VALUE fields (values are Python literals; defaults shown):"]
+    for name, cls in (("dfq", DFQSynthConfig), ("psaq", PSAQSynthConfig)):
+        items = [f"{f.name}={f.default!r}" for f in fields(cls) if f.default is not MISSING]
+        lines.append(textwrap.fill(", ".join(items), width=100, initial_indent=f"  {name}: ",
+                                   subsequent_indent="    "))
+    lines.append("  noise: slope=0 (0: white noise; 2: smooth 1/f^2 noise)")
+    return "\n".join(lines)
+
+
+def add_quant_args(p: argparse.ArgumentParser, sources: tuple[str, ...] | None = None) -> None:
     from .calib import CALIBRATION_SOURCES
     from .quant import PRESETS
 
@@ -229,14 +287,14 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include", nargs="+", default=["*"], metavar="PATTERN", help="fnmatch module names")
     g.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", default="dfq", choices=sorted(CALIBRATION_SOURCES),
+    g.add_argument("--calib", default="dfq", choices=sorted(sources or CALIBRATION_SOURCES),
                    help="calibration images: data-free synthesis (dfq, psaq), noise, or real train images")
     g.add_argument("--calib-size", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--synth-opts", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="source options: synthesis config fields for --calib dfq/psaq (switches for "
-                        "ablations), e.g. hard_mining=False iterations=200 (see `dfqvit synth --help`); "
-                        "slope=S for --calib noise (0: white, the default; 2: smooth 1/f² noise)")
+                        "ablations), e.g. hard_mining=False iterations=200; slope=S for --calib noise "
+                        "(0: white, the default; 2: smooth 1/f² noise). All fields are listed below.")
 
 
 def add_acm_args(p: argparse.ArgumentParser) -> None:
@@ -279,9 +337,10 @@ def calib_spec_from_args(args):
     if args.calib == "real":
         if args.synth_opts:
             raise UserError("--synth-opts does not apply to --calib real (it takes --data or --data-dir)")
-        options = {"data": args.data or (None if args.data_dir else FASHION_MNIST), "data_dir": args.data_dir}
+        zoo = args.model if args.model.startswith("zoo:") else None
+        options = {"data": default_data(args, zoo, "train"), "data_dir": args.data_dir}
     else:
-        options = parse_kwargs(args.synth_opts)
+        options = parse_kwargs(args.synth_opts, "--synth-opts", "iterations=200")
     return CalibSpec(source=args.calib, size=args.calib_size, seed=args.seed, options=options)
 
 
@@ -299,7 +358,7 @@ def cmd_quantize(args) -> int:
     acm = acm_config_from_args(args).resolved(qconfig.a_bits)
     calib = calib_spec_from_args(args)
     if args.out:
-        refuse_existing(args.out, args.force)
+        refuse_existing(args.out, args.force, directory=True)
     spec = spec_from_args(args)
     model = build_model(spec).to(args.device)
     data_config = resolve_data_config(model, spec.data_config)
@@ -309,7 +368,7 @@ def cmd_quantize(args) -> int:
         calib.source = f"file:{Path(args.calib_file).name}"
     evalset = None
     if not args.no_eval:
-        evalset = EvalSet.from_dataset(eval_loader(args, data_config).dataset, args.batch_size)
+        evalset = EvalSet.from_dataset(eval_loader(args, data_config, zoo=spec.zoo).dataset, args.batch_size)
     qmodel, row, _ = run_quantization(model, data_config, qconfig, calib, evalset, acm=acm, device=args.device)
     row = {"model": args.model, **row}
     if args.out:
@@ -343,16 +402,15 @@ def cmd_synth(args) -> int:
 
     from .calib import make_source
     from .calib.cache import file_sha256, save_calibration_file
-    from .pipeline import calibration_images
+    from .pipeline import calibration_images, check_calibration_fits
 
     qconfig = quant_config_from_args(args)
     calib = calib_spec_from_args(args)
-    if calib.source in ("noise", "real"):
-        raise UserError(f"`dfqvit synth` makes data-free images (--calib dfq or psaq), not {calib.source}")
     out = refuse_existing(args.out, args.force)
     spec = spec_from_args(args)
     model = build_model(spec).to(args.device)
     data_config = resolve_data_config(model, spec.data_config)
+    check_calibration_fits(model, data_config, qconfig, calib.size)   # the set is made for calibrating
     source = make_source(calib.source, **calib.options)
     start = time.perf_counter()
     images = calibration_images(model, data_config, qconfig, calib, device=args.device, source=source)
@@ -373,8 +431,29 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def check_results_file(path: str) -> None:
+    if Path(path).is_dir():
+        raise UserError(f"--results-file {path} is a directory; name a file")
+    check_writable(path)
+
+
+def one_line(e: UserError) -> str:
+    """The message of ``e``; a DataLoader worker re-raises it wrapped in the worker's traceback."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the usage itself is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dfqvit", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="dfqvit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dfqvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -388,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_onnx_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quantize", help="calibrate and quantize a model (data-free by default)")
+    p = sub.add_parser("quantize", help="calibrate and quantize a model (data-free by default)",
+                       epilog=synth_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_data_args(p)
     add_quant_args(p)
@@ -400,10 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("synth", help="synthesize calibration images data-free and save them")
+    p = sub.add_parser("synth", help="synthesize calibration images data-free and save them",
+                       epilog=synth_fields_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    add_data_args(p)
-    add_quant_args(p)
+    add_device_arg(p.add_argument_group("device"))
+    add_quant_args(p, sources=("dfq", "psaq"))
     p.add_argument("--out", required=True, help="images file (.safetensors); a .json sidecar and .png grid go next to it")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_synth)
@@ -437,9 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.model_given = any(a in ("--model", "-m") or a.startswith("--model=") for a in argv)
     try:
+        if getattr(args, "results_file", None):
+            check_results_file(args.results_file)
         return args.func(args)
     except UserError as e:
-        print(f"dfqvit: error: {e}", file=sys.stderr)
+        print(f"dfqvit: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfqvit: interrupted", file=sys.stderr)

@@ -134,8 +134,12 @@ class _ImageFolder(Dataset):
 
     def __getitem__(self, i: int):
         path, target = self.folder.samples[i]
-        with Image.open(path) as img:
-            img = img.convert(self.mode)
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # PIL: UnidentifiedImageError (an OSError) for a non-image, OSError for a truncated one
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); fix or remove it") from None
         return self.transform(img), target
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import require_finite
+
 
 @dataclass
 class EvalResult:
@@ -36,7 +38,10 @@ def collect_logits(model, loader, device="cpu", desc="eval", progress=True) -> t
         start = time.perf_counter()
         out = model(images)
         seconds += time.perf_counter() - start
-        logits.append(torch.as_tensor(out).float().cpu())
+        out = torch.as_tensor(out).float().cpu()
+        require_finite(out, f"the logits of {desc} on batch {len(logits) + 1}",
+                       "the model overflows on these images (a damaged checkpoint or bad calibration)")
+        logits.append(out)
         targets.append(torch.as_tensor(target))
     return torch.cat(logits), torch.cat(targets), seconds
 

@@ -2,6 +2,7 @@
 model → evaluation against the FP32 model, with per-stage timings."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .acm import ACMConfig, correction_cost, fit_corrections
 from .calib import CalibrationContext, make_source
+from .errors import UserError, require_finite
 from .evaluate import EvalResult, collect_logits, score
 from .models import count_params
 from .quant import QuantConfig, quantize
@@ -59,17 +61,65 @@ class CalibSpec:
     images: torch.Tensor | None = None            # precomputed (``--calib-file``)
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@torch.no_grad()
+def calibration_bytes(model, data_config: dict, qconfig: QuantConfig, num_images: int) -> int:
+    """An estimate of the memory ``quantize`` needs for ``num_images``: the images, and the
+    activations of one pass over all of them at once (the calibration pass is one batch, and
+    the compensating presets keep every Linear's FP output as its target). Measured by hooks
+    on one image's forward pass."""
+    outputs: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *data_config["input_size"], device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    per_image = math.prod(data_config["input_size"]) + 4 * max(outputs, default=0)
+    if qconfig.scheme.compensate:
+        per_image += sum(outputs)
+    return 4 * num_images * per_image
+
+
+def check_calibration_fits(model, data_config: dict, qconfig: QuantConfig, num_images: int) -> None:
+    """Refuse, before any work, a calibration set whose activations cannot fit in memory."""
+    need, have = calibration_bytes(model, data_config, qconfig, num_images), available_memory_bytes()
+    if have is not None and need > 0.8 * have:
+        fits = max(1, int(num_images * 0.8 * have / need))
+        raise UserError(f"--calib-size {num_images} needs about {need / 2**30:.1f} GiB for the calibration "
+                        f"pass (images and activations held at once), but {have / 2**30:.1f} GiB is "
+                        f"available; use --calib-size {fits} or fewer")
+
+
 def calibration_images(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
-                       device: str = "cpu", source=None) -> torch.Tensor:
-    """``calib``'s images; ``source`` (made from ``calib`` if not given) does the work."""
+                       device: str = "cpu", source=None, progress: bool = True) -> torch.Tensor:
+    """``calib``'s images; ``source`` (made from ``calib`` if not given) does the work; hard-example
+    mining's re-quantizations show their own progress."""
     if calib.images is not None:
+        require_finite(calib.images, "the calibration images", "recreate the calibration file")
         return calib.images
     torch.manual_seed(calib.seed)
     ctx = CalibrationContext(
         data_config=data_config, seed=calib.seed, device=device,
-        quantize=lambda images: quantize(model, qconfig, images, device=device)[0])
+        quantize=lambda images: quantize(model, qconfig, images, device=device, progress=progress)[0])
     source = source or make_source(calib.source, **calib.options)
-    return source.generate(model, calib.size, ctx)
+    images = source.generate(model, calib.size, ctx)
+    require_finite(images, f"the {calib.source} calibration images",
+                   "the model's outputs or gradients overflowed during synthesis")
+    return images
 
 
 def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: CalibSpec,
@@ -78,8 +128,9 @@ def run_quantization(model, data_config: dict, qconfig: QuantConfig, calib: Cali
     """Calibration images → quantized model (→ activation correction) → evaluation.
     Returns (quantized model, result row, calibration images)."""
     seconds = {}
+    check_calibration_fits(model, data_config, qconfig, len(calib.images) if calib.images is not None else calib.size)
     start = time.perf_counter()
-    images = calibration_images(model, data_config, qconfig, calib, device)
+    images = calibration_images(model, data_config, qconfig, calib, device, progress=progress)
     seconds["calibration_data"] = time.perf_counter() - start
     start = time.perf_counter()
     qmodel, report = quantize(model, qconfig, images, device=device, progress=progress)

@@ -30,7 +30,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                     "carrying its scales and zero points, and report which ops ONNX Runtime runs as integers.")
     p.add_argument("quantized", metavar="DIR", help="directory written by `dfqvit quantize --out DIR`")
     p.add_argument("--format", default="onnx", help=f"output format: {', '.join(FORMATS)} (default onnx)")
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.add_argument("--out", help="output file (default: DIR/model.onnx)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 13..21 (default {DEFAULT_OPSET})")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--log2-softmax", default="emulate", metavar="MODE",
@@ -56,7 +56,7 @@ def cmd_export(args) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"unknown export format {args.format!r}; supported: {', '.join(FORMATS)}")
-    out = refuse_existing(args.out, args.force)
+    out = refuse_existing(args.out or Path(args.quantized) / "model.onnx", args.force)
     model, meta = load_quantized(args.quantized)
     data_config = resolve_data_config(model, meta["model"].get("data_config"))
     report = export_onnx(model, out, data_config, opset=args.opset, log2_softmax=args.log2_softmax,
@@ -151,5 +151,6 @@ def cmd_eval_onnx(args) -> int:
     if reference is None:
         print("note: FP32 reference not found; pass --model/--checkpoint to get agreement and KL", file=sys.stderr)
     name = str(args.onnx)
-    result = evaluate(model, eval_loader(args, data_config), device="cpu", reference=reference, desc=name)
+    zoo = (meta.get("model") or {}).get("zoo") if isinstance(meta.get("model"), dict) else None
+    result = evaluate(model, eval_loader(args, data_config, zoo=zoo), device="cpu", reference=reference, desc=name)
     return report_eval(args, name, result, model.param_count(), data_config, runtime="onnxruntime-cpu")

@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from ..errors import require_finite
+
 from .calibrate import calibrate, calibrate_weights, observing, quantization_disabled
 from .config import PRESETS, QuantConfig, QuantScheme
 from .convert import ConversionReport, quantize_model, quantizers
@@ -18,6 +20,10 @@ def quantize(model: torch.nn.Module, config: QuantConfig, images: torch.Tensor, 
     qmodel, report = quantize_model(copy.deepcopy(model), config)
     qmodel.to(device)   # after conversion: the quantizers' buffers are created on the CPU
     calibrate(qmodel, config, images, batch_size=batch_size, device=device, progress=progress)
+    for name, quantizer in quantizers(qmodel):
+        for key, buffer in quantizer.state_dict().items():
+            require_finite(buffer, f"the calibrated quantizer {name}.{key} would",
+                           "the calibration images drive an activation to overflow; check them and the model")
     return qmodel, report
 
 
