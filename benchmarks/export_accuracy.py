@@ -21,7 +21,7 @@ from dfqvit.acm import ACM_KINDS, ACMConfig
 from dfqvit.data import FASHION_MNIST, make_dataset
 from dfqvit.evaluate import score
 from dfqvit.export import export_onnx
-from dfqvit.export.cli import OnnxModel
+from dfqvit.export.ort import OnnxModel
 from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, run_quantization
 from dfqvit.quant import PRESETS, QuantConfig, save_quantized

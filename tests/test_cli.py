@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from dfqvit.cli import main, write_results
+from dfqvit.cli import main
+from dfqvit.cli.output import write_results
 from dfqvit.data import FASHION_MNIST, make_dataset, make_loader
 from dfqvit.evaluate import evaluate
 from dfqvit.models import count_params, load_model

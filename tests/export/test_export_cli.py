@@ -1,12 +1,7 @@
-"""``dfqvit export DIR --format onnx --out FILE`` and ``dfqvit eval --onnx FILE``.
-
-The parser pieces live in ``dfqvit.export.cli``; these tests build a parser from them, so they
-run whether or not ``dfqvit.cli`` has wired them in yet (the subprocess test checks the wiring
-and is skipped until then).
-"""
+"""``dfqvit export DIR --format onnx --out FILE`` and ``dfqvit eval --onnx FILE`` (``dfqvit.cli.export``,
+``dfqvit.cli.evaluate``), run through the real parser in-process; one subprocess run checks the wiring."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -14,9 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from dfqvit import cli
+from dfqvit.cli import build_parser
 from dfqvit.errors import UserError
-from dfqvit.export.cli import OnnxModel, add_export_parser, add_onnx_eval_args, cmd_eval_onnx
+from dfqvit.export.ort import OnnxModel
 from dfqvit.models import ModelSpec
 from dfqvit.quant import QuantConfig, quantize, save_quantized
 
@@ -38,22 +33,9 @@ def saved_dir(tmp_path_factory):
     return save_quantized(qmodel, spec, config, d / "w4a8"), qmodel
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="dfqvit")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    e = sub.add_parser("eval")
-    e.add_argument("--quantized")
-    cli.add_model_args(e)
-    cli.add_data_args(e)
-    cli.add_results_args(e)
-    add_onnx_eval_args(e)
-    e.set_defaults(func=cmd_eval_onnx)
-    return p
-
-
 def run(argv):
-    args = parser().parse_args([str(a) for a in argv])
+    """The command's function, called directly: a UserError propagates to the test."""
+    args = build_parser().parse_args([str(a) for a in argv])
     args.model_given = any(a in ("--model", "-m") for a in argv)
     return args.func(args)
 
@@ -113,14 +95,7 @@ def test_eval_onnx(tmp_path, saved_dir, tiny_fmnist_dir, capsys):
         run(["eval", "--onnx", tmp_path / "missing.onnx", "--data-dir", tiny_fmnist_dir])
 
 
-def _cli_has_export() -> bool:
-    p = cli.build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    return "export" in sub.choices
-
-
 @pytest.mark.needs_fashion_mnist
-@pytest.mark.skipif(not _cli_has_export(), reason="dfqvit.cli does not wire `export` / `eval --onnx` yet")
 def test_cli_subprocess(tmp_path, saved_dir, tiny_fmnist_dir, run_cli, assert_one_line_error):
     qdir, _ = saved_dir
     out = tmp_path / "m.onnx"

@@ -1,5 +1,5 @@
-"""ONNX Runtime helpers: sessions, the graph-optimised model's op counts (which ops really run
-as integer kernels), and profiling."""
+"""ONNX Runtime helpers: sessions, a session as a torch-callable model, the graph-optimised
+model's op counts (which ops really run as integer kernels), and profiling."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,9 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..errors import UserError
 
@@ -116,3 +119,26 @@ def profile_ops(session_factory, feeds: dict, runs: int = 20, warmup: int = 5) -
             totals[op] += ev.get("dur", 0) / 1000.0
             nodes.setdefault(op, set()).add(ev["name"])
     return sorted(((op, ms / runs, len(nodes[op])) for op, ms in totals.items()), key=lambda r: -r[1])
+
+
+class OnnxModel:
+    """A callable ONNX Runtime session on the CPU execution provider: ``model(images) -> logits``
+    (torch tensors, images ``(N, C, H, W)``)."""
+
+    def __init__(self, path, threads: int | None = None):
+        self.path = str(path)
+        self.session = make_session(path, threads)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise UserError(f"{path} has {len(inputs)} inputs; expected one image batch")
+        self.input_name = inputs[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(images.detach().cpu().float().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+
+    def param_count(self) -> int:
+        import onnx
+
+        graph = onnx.load(self.path, load_external_data=False).graph
+        return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer))
