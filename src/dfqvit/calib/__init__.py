@@ -6,6 +6,6 @@ calibration images came from.
 """
 from .base import CALIBRATION_SOURCES, CalibrationContext, CalibrationSource, make_source, register_source
 from . import sources  # noqa: F401  (registers noise and real)
-from . import synthesis  # noqa: F401
+from . import psaq, dfq  # noqa: F401  (registers psaq, then dfq)
 
 __all__ = ["CALIBRATION_SOURCES", "CalibrationContext", "CalibrationSource", "make_source", "register_source"]

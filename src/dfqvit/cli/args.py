@@ -140,7 +140,8 @@ def synth_fields_epilog() -> str:
     """The --synth-opts fields of each synthesis source, with their defaults (help epilog)."""
     from dataclasses import MISSING, fields
 
-    from ..calib.synthesis import DFQSynthConfig, PSAQSynthConfig
+    from ..calib.dfq import DFQSynthConfig
+    from ..calib.psaq import PSAQSynthConfig
 
     lines = ["--synth-opts FIELD=VALUE fields (values are Python literals; defaults shown):"]
     for name, cls in (("dfq", DFQSynthConfig), ("psaq", PSAQSynthConfig)):
