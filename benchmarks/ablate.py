@@ -1,6 +1,6 @@
 """Accuracy tables: calibration sources × bit-widths × presets × ACM on the zoo models.
 
-Every method is evaluated on the full Fashion-MNIST test split against the FP32 model in the
+Every method is evaluated on the zoo model's test split (its card's dataset) against the FP32 model in the
 same process (top-1, agreement with FP32, KL(FP32 ‖ Q)), mean ± std over seeds. Synthesized
 calibration sets are cached under ``runs/calib-cache`` so reruns only pay for evaluation.
 
@@ -8,6 +8,7 @@ Examples::
 
     python benchmarks/ablate.py --table ptq        # issue 3: noise/real × presets × bit-widths
     python benchmarks/ablate.py --table quantizer  # issue 18: repq-vit vs the default, smooth noise / dfq / real
+    python benchmarks/ablate.py --table sources --models zoo:deit-scenes   # issue 22: does the zoo discriminate?
     python benchmarks/ablate.py --table acm        # issue 5: noise, psaq, dfq ± ACM, real ± ACM
     python benchmarks/ablate.py --table acm --write   # also update docs/RESULTS.md
     python benchmarks/ablate.py --table acm-variants   # issue 5: the ACM's ridge, placement and target
@@ -30,7 +31,7 @@ from dfqvit.acm import ACMConfig
 from dfqvit.calib.base import make_source
 from dfqvit.calib.cache import file_sha256, load_calibration_file, save_calibration_file, sidecar_path
 from dfqvit.data import FASHION_MNIST, make_dataset
-from dfqvit.models import load_model
+from dfqvit.models import load_model, zoo_card
 from dfqvit.pipeline import CalibSpec, EvalSet, calibration_images, run_quantization
 from dfqvit.quant import QuantConfig
 
@@ -61,6 +62,13 @@ TABLES = {
         methods=[m for p in ("repq-vit", "repq-comp") for m in (
             Method(f"smooth noise {p}", "noise", preset=p, synth_opts=SMOOTH),
             Method(f"dfq {p}", "dfq", preset=p, mined=True), Method(f"real {p}", "real", preset=p))]),
+    # issue 22: does a zoo model discriminate between calibration sources?
+    "sources": dict(
+        settings=[(4, 4), (3, 4), (4, 8)],
+        methods=[m for p in ("repq-vit", "repq-comp") for m in (
+            Method(f"white noise {p}", "noise", preset=p), Method(f"smooth noise {p}", "noise", preset=p, synth_opts=SMOOTH),
+            Method(f"psaq {p}", "psaq", preset=p), Method(f"dfq {p}", "dfq", preset=p, mined=True),
+            Method(f"real {p}", "real", preset=p))]),
     "calib": dict(
         settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
         methods=[Method("noise", "noise"), Method("smooth noise", "noise", synth_opts=SMOOTH),
@@ -113,7 +121,7 @@ def config_digest(config) -> str:
 
 
 def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, size,
-                  synth_opts: dict) -> tuple[torch.Tensor, float]:
+                  synth_opts: dict, data: str = FASHION_MNIST) -> tuple[torch.Tensor, float]:
     """(images, seconds it took to make them); synthesized sets are cached on disk, keyed by
     ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images) and
     a digest of the whole synthesis config (so a changed default never reuses old images)."""
@@ -121,7 +129,7 @@ def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, 
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
     synthesized = method.calib in SYNTHESIZED
     calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if synthesized
-                      else ({"data": FASHION_MNIST} if method.calib == "real" else synth_opts))
+                      else ({"data": data} if method.calib == "real" else synth_opts))
     source = make_source(calib.source, **calib.options)
     opts = "-".join(f"{k}={v}" for k, v in sorted(synth_opts.items()))
     digest = config_digest(source.config) if synthesized else ""
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
     for model_name in args.models:
         model, data_config, spec = load_model(model_name)
         model_tag = model_name.replace(":", "_") + (f"-{file_sha256(spec.checkpoint)[:12]}" if spec.checkpoint else "")
-        dataset = make_dataset(FASHION_MNIST, data_config, split="test")
+        data = zoo_card(model_name).get("dataset", FASHION_MNIST) if model_name.startswith("zoo:") else FASHION_MNIST
+        dataset = make_dataset(data, data_config, split="test")
         evalset = EvalSet.from_dataset(dataset, limit=args.eval_size)
         fp = evalset.set_reference(model, progress=False)
         cells: dict = {}
@@ -189,7 +198,7 @@ def main(argv=None) -> int:
                     mine_config = QuantConfig(w_bits=mine_at[0], a_bits=mine_at[1], preset=m.preset) if mine_at else qconfig
                     start = time.perf_counter()
                     images, made_in = cached_images(model, data_config, model_tag, m, mine_config, seed,
-                                                    args.calib_size, synth_opts.get(m.calib, {}))
+                                                    args.calib_size, synth_opts.get(m.calib, {}), data)
                     if m.calib in SYNTHESIZED:
                         timed_as = m.label if m.synth_opts else m.calib   # a synthesis variant is timed on its own
                         synth_seconds.setdefault(timed_as, {})[(mine_config.w_bits, mine_config.a_bits, seed)] = made_in

@@ -259,7 +259,9 @@ def test_zoo_card_in_tmp_zoo(tmp_path, tiny_checkpoint, monkeypatch):
         models.zoo_card("zoo:tinyy")
 
 
-ZOO_TARGET_TOP1 = 91.0   # issue #2: every bundled model
+# The FP32 top-1 each bundled model must reach on its dataset's test split: issue #2 for the
+# Fashion-MNIST models; issue #22 for the fashion-scenes ones (100 classes; set before training).
+ZOO_TARGET_TOP1 = {"fashion-mnist": 91.0, "fashion-scenes": 70.0}
 ZOO_PARAMS = [pytest.param(p, marks=pytest.mark.zoo(p.stem), id=p.stem) for p in ZOO_CARDS] or [
     pytest.param(None, id="none", marks=pytest.mark.skip(
         reason="no zoo cards yet (src/dfqvit/zoo/*.json): the zoo models are still being trained"))]
@@ -271,8 +273,8 @@ def test_zoo_card(card_path):
     name = card_path.stem
     assert zoo_card(f"zoo:{name}") == card
     assert (ZOO_DIR / card["checkpoint"]).is_file(), f"{card['checkpoint']} missing next to {card_path.name}"
-    assert card["target_top1"] == ZOO_TARGET_TOP1
-    assert card["top1"] >= ZOO_TARGET_TOP1 and card["meets_target"], f"zoo:{name} top1 {card['top1']} below target"
+    assert card["target_top1"] == ZOO_TARGET_TOP1[card["dataset"]]
+    assert card["top1"] >= card["target_top1"] and card["meets_target"], f"zoo:{name} top1 {card['top1']} below target"
     assert card["command"].startswith("dfqvit train")
     assert isinstance(card["training"]["seed"], int)
     model, cfg, spec = load_model(f"zoo:{name}")
@@ -291,11 +293,11 @@ def test_zoo_card(card_path):
 @pytest.mark.parametrize("card_path", ZOO_PARAMS)
 def test_zoo_card_accuracy_reproduces(card_path):
     """The card's top-1 is what evaluating the checkpoint on the 10k test split gives."""
-    from dfqvit.data import FASHION_MNIST, make_dataset, make_loader
+    from dfqvit.data import make_dataset, make_loader
     from dfqvit.evaluate import evaluate
 
     card = json.loads(card_path.read_text())
     model, cfg, _ = load_model(f"zoo:{card_path.stem}")
-    result = evaluate(model, make_loader(make_dataset(FASHION_MNIST, cfg, split="test"), 500), progress=False)
+    result = evaluate(model, make_loader(make_dataset(card["dataset"], cfg, split="test"), 500), progress=False)
     assert result.images == 10000
     assert result.top1 == pytest.approx(card["top1"], abs=0.01)
