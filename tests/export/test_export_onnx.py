@@ -200,6 +200,24 @@ def test_int4_weights_opset21(tmp_path, calib):
         qmodel, tmp_path / "m8.onnx", DATA_CONFIG, opset=21, analyze=False, verify=False).file_bytes
 
 
+def test_weight_only_int4_runs_as_matmulnbits(tmp_path, calib):
+    """Float activations + <=4-bit weights in UINT4: ORT fuses each into MatMulNBits (#21's W4 path)."""
+    qmodel = quantized("vit", 4, 32, calib)
+    report = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, opset=21, weight_format="int4")
+    assert report.ort_ops.get("MatMulNBits") == 8, report.ort_ops      # every 4-bit layer
+    assert any("MatMulNBits" in n and "accuracy_level" in n for n in report.notes)
+    assert report.agreement == 100.0 and report.max_abs_diff < 0.05   # int8 activations inside the kernel
+    # accuracy level 0: the kernel computes in fp32 on exactly the simulation's weights
+    from dfqvit.export.ort import make_session
+
+    session = make_session(tmp_path / "m.onnx", 1, config={"session.qdq_matmulnbits_accuracy_level": "0"})
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = qmodel(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert (got - expected).abs().max() < 1e-4
+
+
 def test_opset13_and_float_layers_stay_float(tmp_path, calib):
     qmodel = quantized("vit", 4, 8, calib, exclude=("blocks.1.mlp.*",))
     report = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, opset=13)

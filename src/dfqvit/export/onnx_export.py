@@ -295,9 +295,7 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
         notes.append(f"traced at opset {TORCHSCRIPT_MAX_OPSET} and relabelled {opset} (opset 21 only adds int4 types)")
     if weight_format == "int4":
         n = _weights_to_int4(proto, plan.codes)
-        notes.append(f"{n} weight tensors of <=4 bits stored as UINT4; ONNX Runtime 1.32 CPU runs them as "
-                     "DequantizeLinear + float MatMul (its MatMulNBits fusion needs block-wise weights without an "
-                     "activation QDQ in front), so use the int8 container for integer kernels")
+        notes.append(f"{n} weight tensors of <=4 bits stored as UINT4")
     _add_metadata(proto, {
         "version": __version__, "data_config": _json_data_config(data_config),
         "export": {"weight_format": weight_format, "log2_softmax": log2_softmax, "rounding": rounding, "opset": opset},
@@ -343,10 +341,25 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
         report.file_bytes = os.path.getsize(tmp)
         if analyze:
             report.ort_ops = optimized_op_counts(tmp, threads)
+            report.notes.extend(_weight_kernel_notes(report.ort_ops, weight_format))
         if verify:
             report.max_abs_diff, report.agreement = verify_against_torch(qmodel, tmp, input_shape, threads=threads)
             report.verify_images = 8
     return report
+
+
+def _weight_kernel_notes(ort_ops: dict, weight_format: str) -> list[str]:
+    """What ONNX Runtime made of the quantized weights, as seen in its optimised graph."""
+    notes = []
+    if ort_ops.get("MatMulNBits"):
+        notes.append("weight-only layers (float activations) run as MatMulNBits (ONNX Runtime re-blocks the per-row "
+                     "grid into blocks of 32, same values); its CPU kernel's default accuracy_level 4 quantizes the "
+                     "activations to int8 per block (fast, ~1e-3 on logits); the session config entry "
+                     "session.qdq_matmulnbits_accuracy_level=0 computes in fp32 (exact)")
+    if weight_format == "int4" and ort_ops.get("DequantizeLinear"):
+        notes.append("int4 weights behind an activation QDQ are dequantized to float before their MatMul (ORT fuses "
+                     "integer matmuls only from 8-bit containers): use the int8 container for integer kernels")
+    return notes
 
 
 def export_float_onnx(model: nn.Module, path, data_config: dict, opset: int = DEFAULT_OPSET, *,

@@ -36,7 +36,9 @@ def _require_ort():
 
 
 def session_options(threads: int | None = None, optimized_path: str | None = None, profile_prefix: str | None = None,
-                    optimization: str = "all"):
+                    optimization: str = "all", config: dict[str, str] | None = None):
+    """CPU session options; ``config``: session config entries, e.g.
+    ``{"session.qdq_matmulnbits_accuracy_level": "0"}`` for fp32 compute in MatMulNBits."""
     ort = _require_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -54,6 +56,8 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
     return so
 
 
