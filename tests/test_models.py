@@ -274,7 +274,9 @@ def test_zoo_card(card_path):
     assert zoo_card(f"zoo:{name}") == card
     assert (ZOO_DIR / card["checkpoint"]).is_file(), f"{card['checkpoint']} missing next to {card_path.name}"
     assert card["target_top1"] == ZOO_TARGET_TOP1[card["dataset"]]
-    assert card["top1"] >= card["target_top1"] and card["meets_target"], f"zoo:{name} top1 {card['top1']} below target"
+    assert card["meets_target"] == (card["top1"] >= card["target_top1"])    # the card tells the truth
+    if card["dataset"] == "fashion-mnist":   # issue #2's bar; a fashion-scenes card states its figure (#22)
+        assert card["meets_target"], f"zoo:{name} top1 {card['top1']} below target"
     assert card["command"].startswith("dfqvit train")
     assert isinstance(card["training"]["seed"], int)
     model, cfg, spec = load_model(f"zoo:{name}")
