@@ -321,7 +321,8 @@ def test_profile_ops(tmp_path, calib):
 
 
 def test_bench_latency_smoke(tmp_path):
-    """benchmarks/bench_latency.py end to end on the tiny ViT (2 timed runs)."""
+    """benchmarks/bench_latency.py end to end on the tiny ViT (2 timed runs): every runtime row,
+    ORT's own quantize_static, the weight-only int4 export, ratios to ORT FP32."""
     import json
     import subprocess
     import sys
@@ -329,15 +330,22 @@ def test_bench_latency_smoke(tmp_path):
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_latency.py"
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(script), "--model", VIT_NAME, "--model-kwargs",
+    r = subprocess.run([sys.executable, str(script), "--models", VIT_NAME, "--model-kwargs",
                         *[f"{k}={v}" for k, v in VIT_KWARGS.items()], "--runs", "2", "--warmup", "1",
+                        "--settings", "W8A8", "W4A8", "--quantize-static", "--weight-only-int4",
                         "--batch-sizes", "1", "4", "--markdown", "--profile", "--results-file", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "| PyTorch FP32 |" in r.stdout and "ORT profile" in r.stdout and "AVX2" in r.stdout
-    result = json.loads(out.read_text())
-    assert set(result["median_ms"]) >= {"PyTorch FP32", "ONNX Runtime FP32"}
-    assert any(rep["integer_ops"] for rep in result["export"].values())
+    assert "| PyTorch FP32 |" in r.stdout and "/ ORT FP32" in r.stdout and "ORT profile" in r.stdout
+    assert "AVX2" in r.stdout
+    result = json.loads(out.read_text())["models"][VIT_NAME]
+    rows = set(result["median_ms"])
+    assert rows >= {"PyTorch FP32", "ONNX Runtime FP32", "ORT quantize_static int8 (QDQ, per-channel)",
+                    "dfqvit W4 weight-only (int4, MatMulNBits)"}
+    assert any(name.startswith("dfqvit W8A8") for name in rows) and any(name.startswith("dfqvit W4A8") for name in rows)
+    static = result["export"]["ORT quantize_static int8 (QDQ, per-channel)"]["ort_ops"]
+    assert static.get("MatMulIntegerToFloat", 0) + static.get("QLinearMatMul", 0) > 0, static
+    assert result["export"]["dfqvit W4 weight-only (int4, MatMulNBits)"]["ort_ops"].get("MatMulNBits")
 
 
 @pytest.mark.parametrize("name", ["vit", "swin"])
