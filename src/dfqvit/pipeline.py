@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
+from tqdm import tqdm
 
 from .acm import ACMConfig, correction_cost, fit_corrections
 from .calib import CalibrationContext, make_source
@@ -29,12 +30,14 @@ class EvalSet:
     fp_seconds: float = 0.0
 
     @classmethod
-    def from_dataset(cls, dataset, batch_size: int = 500, limit: int | None = None) -> "EvalSet":
-        """The whole ``dataset``, or its first ``limit`` items (only those are loaded)."""
+    def from_dataset(cls, dataset, batch_size: int = 500, limit: int | None = None,
+                     progress: bool = True) -> "EvalSet":
+        """The whole ``dataset``, or its first ``limit`` items (only those are loaded; decoding
+        a large image folder takes minutes, so it shows progress)."""
         if limit is not None:
             dataset = Subset(dataset, range(min(limit, len(dataset))))
         loader = DataLoader(dataset, batch_size=1000)
-        images, targets = zip(*loader)
+        images, targets = zip(*tqdm(loader, desc="load evaluation set", disable=not progress, leave=False))
         return cls(torch.cat(images), torch.cat(targets), batch_size)
 
     def loader(self) -> DataLoader:
