@@ -93,12 +93,9 @@ def spec_from_args(args) -> ModelSpec:
     for flag, key in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("img_size", "img_size")):
         if getattr(args, flag) is not None:
             kwargs[key] = getattr(args, flag)
-    input_size = args.input_size
-    if input_size is None and args.img_size is not None:
-        input_size = None  # timm derives it from the model's img_size
-    return resolve_spec(
+    return resolve_spec(   # without --input-size, timm derives it from the model's img_size
         args.model, kwargs=kwargs, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        data_overrides={"input_size": input_size, "mean": args.mean, "std": args.std,
+        data_overrides={"input_size": args.input_size, "mean": args.mean, "std": args.std,
                         "crop_pct": args.crop_pct, "interpolation": args.interpolation},
     )
 
@@ -115,8 +112,10 @@ def default_data(args, zoo: str | None, split: str = "test") -> str | None:
         return FASHION_MNIST if find_idx_files(split, args.data_dir) else None
     if zoo:
         return zoo_card(zoo).get("dataset", FASHION_MNIST)
-    raise UserError("no evaluation data: pass --data fashion-mnist or fashion-scenes, or --data-dir DIR (an "
-                    "ImageFolder of the model's classes)" + (", or --no-eval" if hasattr(args, "no_eval") else ""))
+    what = "evaluation" if split == "test" else "calibration"
+    hint = ", or --no-eval to skip the evaluation" if split == "test" and hasattr(args, "no_eval") else ""
+    raise UserError(f"no {what} data: pass --data fashion-mnist or fashion-scenes, or --data-dir DIR (an "
+                    f"ImageFolder of the model's classes){hint}")
 
 
 def eval_loader(args, data_config: dict, split: str = "test", zoo: str | None = None):
