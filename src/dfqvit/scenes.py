@@ -58,7 +58,7 @@ def _place(garments: torch.Tensor, size, x, y, flip) -> torch.Tensor:
     """Warp 28×28 garments (N,1,28,28 in [0, 1]) into boxes of the 64×64 canvas (fractions of the side)."""
     n = len(garments)
     scale = 1.0 / size
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(n, 2, 3, dtype=garments.dtype)
     theta[:, 0, 0] = scale * (1 - 2 * flip)
     theta[:, 1, 1] = scale
     # canvas point u in [-1, 1] maps to garment point (u - centre) / size; centre = 2 * (x + size/2) - 1
@@ -69,9 +69,15 @@ def _place(garments: torch.Tensor, size, x, y, flip) -> torch.Tensor:
 
 
 def _texture(noise: torch.Tensor) -> torch.Tensor:
-    """1/f (amplitude) texture from white noise, each channel at zero mean and unit std."""
+    """1/f (amplitude) texture from white noise, each channel at zero mean and unit std.
+
+    Rendering is float64: the FFT and the mean / std reductions sum in an order that depends on
+    the thread count, and in float32 that moved some pixels of the rounded uint8 scene by one
+    level between 1 and 2 threads; in float64 the scenes are the same bytes whatever the threads."""
+    noise = noise.double()
     h, w = noise.shape[-2:]
-    f = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2)
+    f = torch.sqrt(torch.fft.fftfreq(h, dtype=torch.float64)[:, None] ** 2
+                   + torch.fft.rfftfreq(w, dtype=torch.float64)[None, :] ** 2)
     f[0, 0] = 1.0
     tex = torch.fft.irfft2(torch.fft.rfft2(noise) / f, s=(h, w))
     tex = tex - tex.mean((-2, -1), keepdim=True)
@@ -85,19 +91,21 @@ def render(images: np.ndarray, labels: np.ndarray, indices, split: str, seed: in
     ``images`` / ``labels`` are the whole Fashion-MNIST split (uint8 N×28×28, int labels)."""
     indices = [int(i) for i in indices]
     draws = [_draw(seed, split, epoch, i, labels) for i in indices]
-    p = dict(zip(_PARAMS, torch.tensor([d[0] for d in draws], dtype=torch.float32).T))
+    # float64 throughout: see _texture (the scene's bytes must not depend on the thread count)
+    p = dict(zip(_PARAMS, torch.tensor([d[0] for d in draws], dtype=torch.float64).T))
     noise = torch.from_numpy(np.stack([d[1] for d in draws]))
     colour, other_colour = p["colour"].long(), p["other_colour"].long()
-    main = torch.from_numpy(images[indices]).float().div_(255).unsqueeze(1)
-    other = torch.from_numpy(images[p["other"].long().numpy()]).float().div_(255).unsqueeze(1)
+    main = torch.from_numpy(images[indices]).double().div_(255).unsqueeze(1)
+    other = torch.from_numpy(images[p["other"].long().numpy()]).double().div_(255).unsqueeze(1)
     main = _place(main, p["size"], p["x"], p["y"], p["flip"])
     other = _place(other, p["other_size"], p["other_x"], p["other_y"], 1 - p["flip"])
 
     tint = torch.stack([p["bg_r"], p["bg_g"], p["bg_b"]], 1)
     background = (p["bg_level"][:, None] + tint)[:, :, None, None] + p["bg_contrast"][:, None, None, None] * _texture(noise)
     scene = background
-    for garment, pigment, alpha in ((other, _PALETTE[other_colour], p["alpha"]),
-                                    (main, _PALETTE[colour] * p["shade"][:, None], torch.ones(len(indices)))):
+    palette = _PALETTE.double()
+    for garment, pigment, alpha in ((other, palette[other_colour], p["alpha"]),
+                                    (main, palette[colour] * p["shade"][:, None], torch.ones(len(indices), dtype=torch.float64))):
         cover = (garment / 0.15).clamp(0, 1) * alpha[:, None, None, None]     # soft silhouette
         paint = pigment[:, :, None, None] * (0.35 + 0.65 * garment)            # keeps the garment's own texture
         scene = scene * (1 - cover) + paint * cover
