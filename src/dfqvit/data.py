@@ -19,7 +19,6 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import UserError
-from .scenes import FASHION_SCENES, FashionScenes
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_ENV = "DFQVIT_FASHION_MNIST"
@@ -162,6 +161,8 @@ def make_transform(data_config: dict, train: bool = False):
 def make_dataset(data: str | None, data_config: dict, split: str = "test", data_dir=None,
                  train_transform: bool = False, download: bool = False) -> Dataset:
     """``data`` is a built-in dataset name; without it ``data_dir`` is an ImageFolder."""
+    from .scenes import FASHION_SCENES, FashionScenes   # scenes are built on this module's Fashion-MNIST
+
     transform = make_transform(data_config, train=train_transform)
     if data == FASHION_SCENES:
         ds = FashionScenes(split, transform=transform, data_dir=data_dir)

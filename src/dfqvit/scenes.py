@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .data import FASHION_MNIST_CLASSES, FashionMNIST
+
 FASHION_SCENES = "fashion-scenes"
 SCENE_SIZE = 64
-GARMENTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 COLOURS = {
     "red": (0.90, 0.10, 0.10), "orange": (1.00, 0.55, 0.00), "yellow": (0.95, 0.90, 0.10),
     "green": (0.10, 0.75, 0.20), "cyan": (0.00, 0.80, 0.85), "blue": (0.15, 0.30, 0.95),
     "purple": (0.55, 0.20, 0.85), "pink": (1.00, 0.40, 0.70), "brown": (0.55, 0.35, 0.15),
     "white": (0.95, 0.95, 0.95),
 }
-CLASSES = tuple(f"{colour} {garment}" for garment in GARMENTS for colour in COLOURS)
+CLASSES = tuple(f"{colour} {garment}" for garment in FASHION_MNIST_CLASSES for colour in COLOURS)
 _PALETTE = torch.tensor(list(COLOURS.values()))
 _SPLIT_IDS = {"train": 0, "test": 1}
 # Per-scene random draws, in the order _draw returns them.
@@ -119,8 +119,6 @@ class FashionScenes(Dataset):
     classes = CLASSES
 
     def __init__(self, split: str = "test", transform=None, data_dir=None, seed: int = 0, epoch: int = 0):
-        from .data import FashionMNIST
-
         source = FashionMNIST(split, data_dir=data_dir)
         self.split, self.seed, self.epoch = split, seed, epoch
         self.garments, self.garment_labels = source.images, source.targets.numpy()
