@@ -24,6 +24,7 @@ from torch import nn
 
 from dfqvit.errors import UserError
 from dfqvit.export import export_float_onnx, export_onnx, make_session, read_onnx_metadata
+from dfqvit.export import qdq
 from dfqvit.export.qdq import Log2Function, QDQFunction
 from dfqvit.quant import QuantConfig, quantize, quantize_model
 from dfqvit.quant import primitives as P
@@ -124,6 +125,61 @@ def test_sub8bit_activations_exact(tmp_path, calib, rounding):
     assert "no post-softmax quantizer" in report.softmax
     # psaq: attention probabilities are float, so attn·V stays a float matmul
     assert report.float_matmul_ops == {"MatMul": 2}
+
+
+
+def _code_dtypes(path) -> set[int]:
+    proto = onnx.load(str(path))
+    return {i.data_type for i in proto.graph.initializer if "_export_codes" in i.name}
+
+
+@pytest.mark.parametrize("w_bits,expected", [(3, onnx.TensorProto.INT8), (4, onnx.TensorProto.INT8),
+                                             (6, onnx.TensorProto.INT8), (8, onnx.TensorProto.UINT8)])
+def test_weight_container_by_bits(tmp_path, calib, monkeypatch, w_bits, expected):
+    """<= 7-bit weights travel as int8 centred on zero (AVX2's fast u8*s8 kernel cannot saturate
+    on them), 8-bit weights as uint8: ORT's outputs are bit for bit those of the all-uint8
+    container, on any x86 CPU."""
+    qmodel = quantized("vit", w_bits, 8, calib, preset="repq-comp", first_last_bits=None)
+    export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG)
+    assert _code_dtypes(tmp_path / "m.onnx") == {expected}
+    monkeypatch.setattr(qdq, "SIGNED_CONTAINER_MAX_BITS", 0)
+    export_onnx(qmodel, tmp_path / "u8.onnx", DATA_CONFIG)
+    assert _code_dtypes(tmp_path / "u8.onnx") == {onnx.TensorProto.UINT8}
+    x = {"input": np.random.default_rng(w_bits).standard_normal((16, 1, 28, 28)).astype(np.float32) * 2}
+    got, reference = (make_session(tmp_path / f).run(None, x)[0] for f in ("m.onnx", "u8.onnx"))
+    np.testing.assert_array_equal(got, reference)
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    return bool({"avx_vnni", "avx512_vnni", "amx_int8"} & set(flags))
+
+
+@pytest.mark.parametrize("signed_bits", [7, 8])
+def test_int8_container_bound_in_onnx_runtime(signed_bits):
+    """The bound behind the container rule, in ORT's own kernel: uint8 activations at 255 times
+    int8 weights at the 7-bit extremes (-64, 63) sum exactly; at the 8-bit extremes a CPU
+    without VNNI saturates its int16 pair sums (exact there only with VNNI / AMX)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    m, k, n = 64, 256, 32
+    lo, hi = -(2 ** (signed_bits - 1)), 2 ** (signed_bits - 1) - 1
+    a = np.full((m, k), 255, np.uint8)
+    b = np.where(rng.random((k, n)) < 0.5, lo, hi).astype(np.int8)
+    inits = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.ones(n, np.float32), "bs"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "as"),
+             numpy_helper.from_array(np.array(0, np.uint8), "az"), numpy_helper.from_array(np.zeros(n, np.int8), "bz")]
+    node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "as", "bs", "az", "bz"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    got = make_session(proto.SerializeToString()).run(None, {"a": a})[0]
+    exact = np.array_equal(got, (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float32))
+    assert exact == (signed_bits <= 7 or _cpu_has_vnni())
 
 
 def _export_fn(tmp_path, fn, x, name="f.onnx"):

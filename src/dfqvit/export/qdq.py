@@ -5,14 +5,18 @@ manager that swaps them into a calibrated fake-quant model for the duration of a
 Exactness (what the exported graph computes vs the PyTorch simulation):
 
 * **Weights** (any 2..8 bits, symmetric or asymmetric, per channel or per tensor): stored as
-  their integer codes in an unsigned 8-bit container feeding ``DequantizeLinear``: a signed
-  grid's codes and zero point are shifted up by ``2^(b-1)`` (the same values dequantize), so
-  ``(q - z) * s`` is bit for bit the fake-quantized weight of the simulation (checked at
-  export time). Why unsigned: ONNX Runtime's fused ``MatMulIntegerToFloat`` with *int8*
-  weights saturates on x86 CPUs without VNNI (AVX2 only: pairs of products summed in int16;
-  measured wrong by whole steps), with uint8 or int8 activations alike; with uint8 weights it
-  is exact there and on VNNI machines. Optionally (opset 21, ``weight_format="int4"``) weights
-  of at most 4 bits are stored as UINT4 instead.
+  their integer codes in an 8-bit container feeding ``DequantizeLinear``, shifted by a constant
+  with their zero point (the same values dequantize), so ``(q - z) * s`` is bit for bit the
+  fake-quantized weight of the simulation (checked at export time). Which container: ONNX
+  Runtime's fused ``MatMulIntegerToFloat`` on x86 CPUs without VNNI (AVX2, AVX-512BW) sums
+  pairs of uint8 × int8 products in int16, which saturates for full 8-bit int8 weights
+  (measured wrong by whole steps) but not for codes of magnitude ≤ 64 (2 · 255 · 64 < 2^15;
+  measured exact at the extremes). So weights of at most 7 bits go in an *int8* container,
+  centred on zero, which takes that fast u8·s8 kernel (1.4× faster than u8·u8 for a DeiT-S
+  fc1 on AVX2, ``benchmarks/bench_latency.py``); 8-bit weights go in a *uint8* container
+  (a signed grid shifted up by ``2^(b-1)``), exact everywhere on the slower u8·u8 kernel.
+  Optionally (opset 21, ``weight_format="int4"``) weights of at most 4 bits are stored as
+  UINT4 instead.
 * **Activations** (per-tensor uniform, 2..8 bits): ``QuantizeLinear`` to uint8 (int8 for a
   signed grid) with our scale and zero point; below the container's full range the integer
   code is clamped by ``Clip`` on the quantized (integer) tensor before ``DequantizeLinear`` —
@@ -139,14 +143,20 @@ class ExportPlan:
     log2: dict[str, int] = field(default_factory=dict)             # log2 quantizer -> bits
     float_layers: list[str] = field(default_factory=list)          # quantizable layers left float
     uncalibrated: list[str] = field(default_factory=list)          # quantizers never calibrated
-    codes: dict[str, int] = field(default_factory=dict)  # codes buffer (uint8 container) -> bits
+    codes: dict[str, int] = field(default_factory=dict)  # codes buffer (8-bit container) -> bits
     patch_as_matmul: list[str] = field(default_factory=list)
     rounded_zero_points: list[str] = field(default_factory=list)  # fractional in the simulation (repq-vit)
 
 
-def unsigned_offset(bits: int, symmetric: bool) -> int:
-    """What to add to a weight grid's codes (and zero point) to store them unsigned."""
-    return 2 ** (bits - 1) if symmetric else 0
+SIGNED_CONTAINER_MAX_BITS = 7   # int8 codes of magnitude <= 64 never saturate the AVX2 u8·s8 kernel
+
+
+def weight_container(bits: int, symmetric: bool) -> tuple[torch.dtype, int]:
+    """(container dtype, what to add to a weight grid's codes and zero point) for ``bits``-bit
+    codes: int8 centred on zero up to 7 bits, uint8 for 8 bits (see the module docstring)."""
+    if bits <= SIGNED_CONTAINER_MAX_BITS:
+        return torch.int8, 0 if symmetric else -(2 ** (bits - 1))
+    return torch.uint8, 2 ** (bits - 1) if symmetric else 0
 
 
 def _act_forward(q: ActQuantizer, torch_rounding: bool):
@@ -173,7 +183,7 @@ def _identity(x):
 
 
 def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(codes in the uint8 container, scale, zero point, axis) of ``mod.weight``, checked to
+    """(codes in their 8-bit container, scale, zero point, axis) of ``mod.weight``, checked to
     dequantize bit for bit to the simulated weight; with ``transpose`` for a 2-D weight used
     as ``x @ W^T`` (codes [in, out], axis 1)."""
     wq: WeightQuantizer = mod.weight_quant
@@ -182,14 +192,14 @@ def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor
     expected = wq(weight)
     if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), expected):
         raise UserError("internal: weight codes do not dequantize to the simulated weight; please report")
-    offset = unsigned_offset(wq.bits, wq.symmetric)
+    dtype, offset = weight_container(wq.bits, wq.symmetric)
     codes = codes + offset
     scale = wq.scale.detach().float().clone()
-    zp = (wq.zero_point.detach().round() + offset).to(torch.uint8)
+    zp = (wq.zero_point.detach().round() + offset).to(dtype)
     axis = 0
     if not wq.per_channel or scale.numel() == 1 and weight.shape[0] != 1:
         scale, zp = scale.reshape(()), zp.reshape(())
-    codes = codes.to(torch.uint8)
+    codes = codes.to(dtype)
     if transpose:
         codes = codes.t().contiguous()
         axis = 1
