@@ -12,8 +12,8 @@ Exactness (what the exported graph computes vs the PyTorch simulation):
   pairs of uint8 × int8 products in int16, which saturates for full 8-bit int8 weights
   (measured wrong by whole steps) but not for codes of magnitude ≤ 64 (2 · 255 · 64 < 2^15;
   measured exact at the extremes). So weights of at most 7 bits go in an *int8* container,
-  centred on zero, which takes that fast u8·s8 kernel (1.4× faster than u8·u8 for a DeiT-S
-  fc1 on AVX2, ``benchmarks/bench_latency.py``); 8-bit weights go in a *uint8* container
+  centred on zero, which takes that fast u8·s8 kernel (~18 vs ~25 ms for u8·u8 on a DeiT-S
+  fc1-shaped matmul, one AVX2 thread; docs/RESULTS.md); 8-bit weights go in a *uint8* container
   (a signed grid shifted up by ``2^(b-1)``), exact everywhere on the slower u8·u8 kernel.
   Optionally (opset 21, ``weight_format="int4"``) weights of at most 4 bits are stored as
   UINT4 instead.
