@@ -16,9 +16,10 @@ from torch import nn
 
 from dfqvit.calib import make_source
 from dfqvit.calib.base import valid_pixel_range
-from dfqvit.calib.engine import Synthesizer, local_crops, roll_flip
-from dfqvit.calib.objectives import find_attention_taps
+from dfqvit.calib.engine import SpectralBasis, Synthesizer, local_crops, roll_flip
+from dfqvit.calib.objectives import find_attention_taps, total_variation
 from dfqvit.calib.psaq import PSAQSynthConfig
+from dfqvit.calib.sources import noise_images
 from dfqvit.errors import UserError
 
 FAST = dict(progress=False)
@@ -52,6 +53,21 @@ def test_local_crop_is_crop_then_interpolate():
     assert torch.allclose(crops[1:][inner], ref1[inner], atol=1e-5)
     edge = x[1:, :, 15:33, 0:17]   # the box plus one pixel on the sides that exist in the image
     assert crops[1:].amin() >= edge.amin() - 1e-6 and crops[1:].amax() <= edge.amax() + 1e-6
+
+
+def test_spectral_basis_round_trips_and_steps_smoothly():
+    basis = SpectralBasis(32, 24, "cpu", slope=2.0)
+    x = torch.randn(3, 2, 32, 24)
+    z = basis.encode(x)
+    assert z.shape == (3, 2, 32, 13, 2)
+    assert torch.allclose(basis.decode(z), x, atol=1e-5)
+    # Adam's step: every coordinate moves by the same amount. In pixels that is white noise of that
+    # size; here a change of about the same size whose energy sits in the low frequencies.
+    step = 0.1 * torch.sign(torch.randn(z.shape, generator=torch.Generator().manual_seed(0)))
+    change = basis.decode(z + step) - x
+    assert 0.08 < change.square().mean().sqrt() < 0.16
+    white = 0.1 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))
+    assert total_variation(change) < 0.5 * total_variation(white)
 
 
 # ----------------------------------------------------------------------------- the step; both sources end to end
@@ -88,7 +104,8 @@ def test_model_left_as_found(name, synth_model, synth_ctx):
     assert all(not t.proj._forward_pre_hooks for t in find_attention_taps(model))
 
 
-@pytest.mark.parametrize("name,kw", [("psaq", dict(iterations=20, rounds=1)), ("dfq", dict(iterations=20))])
+@pytest.mark.parametrize("name,kw", [("psaq", dict(iterations=20, rounds=1)), ("dfq", dict(iterations=20)),
+                                     ("dfq", dict(iterations=20, parameterization="spectral"))])
 def test_short_run_lowers_ce(name, kw, vit, synth_ctx):
     src = make_source(name, **kw, **FAST)
     images = src.generate(vit, 12, synth_ctx())
@@ -108,9 +125,9 @@ def test_deterministic_and_seeded(name, vit, synth_ctx):
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("name", ["psaq", "dfq"])
-def test_output_shape_range_and_batching(name, vit, synth_ctx, synth_data_config):
-    src = make_source(name, iterations=3, batch_size=2, **({"rounds": 1} if name == "psaq" else {}), **FAST)
+@pytest.mark.parametrize("name,kw", [("psaq", dict(rounds=1)), ("dfq", {}), ("dfq", dict(parameterization="spectral"))])
+def test_output_shape_range_and_batching(name, kw, vit, synth_ctx, synth_data_config):
+    src = make_source(name, iterations=3, batch_size=2, **kw, **FAST)
     x = src.generate(vit, 5, synth_ctx())
     assert x.shape == (5, 1, 32, 32) and x.dtype == torch.float32 and x.device.type == "cpu"
     assert not x.requires_grad
@@ -129,6 +146,18 @@ def test_models_and_prefix_tokens(kind, name, synth_model, synth_ctx):
     x = src.generate(model, 4, synth_ctx())
     assert x.shape == (4, 1, 32, 32) and torch.isfinite(x).all()
     assert math.isfinite(src.stats["last_batch"]["entropy"]) and src.stats["last_batch"]["entropy"] != 0
+
+
+def test_spectral_images_are_smoother_than_pixel_ones(synth_model, synth_ctx, synth_data_config):
+    """Same starts, same steps: optimising 1/f-weighted coefficients adds far less roughness
+    than optimising pixels (what the spectral basis is for)."""
+    model = synth_model("swin")
+    kw = dict(iterations=30, start_share=0.0, e2h_stages=1, **FAST)
+    lo, hi = valid_pixel_range(synth_data_config)
+    start = noise_images(torch.Generator().manual_seed(0), 4, (1, 32, 32), 2.0).clamp(lo, hi)   # seed 0's starts
+    pixel = make_source("dfq", **kw).generate(model, 4, synth_ctx())
+    spectral = make_source("dfq", parameterization="spectral", **kw).generate(model, 4, synth_ctx())
+    assert total_variation(spectral - start) < 0.5 * total_variation(pixel - start)
 
 
 def test_swin_uses_swin_lr(synth_model, synth_ctx):

@@ -66,6 +66,7 @@ class DFQSynthConfig(ConfigChecks):
     batch_size: int = 32
     lr: float | None = None                    # None: 0.20, 0.25 for Swin (as PSAQ-ViT)
     betas: tuple[float, float] = (0.5, 0.9)
+    parameterization: str = "pixel"            # what Adam moves: pixels, or "spectral" 1/f^init_slope coefficients
     warmup_frac: float = 0.2
     init_slope: float = 2.0                    # start: noise with amplitude ~ 1/f^slope (0: white, as PSAQ)
     start_share: float = 0.25                  # share of the N images left as their starts, unoptimised
@@ -111,6 +112,8 @@ class DFQSynthConfig(ConfigChecks):
             self._num(name, 0)
         self._num("start_share", 0, 1, open_high=True)   # below 1: some images must be synthesized
         self._bool("balanced_labels", "local_crops", "hard_mining")
+        if self.parameterization not in ("pixel", "spectral"):
+            self._fail(f"parameterization must be 'pixel' or 'spectral', got {self.parameterization!r}")
 
 
 # =============================================================================== source
@@ -156,7 +159,8 @@ class DFQSource(CalibrationSource):
         stages = self.stage_sizes(num_images - n_starts, cfg.e2h_stages)
         n_batches = sum(math.ceil(n / cfg.batch_size) for n in stages)
         with FrozenModel(model):
-            syn = Synthesizer(model, cfg, ctx, self.name)
+            syn = Synthesizer(model, cfg, ctx, self.name,
+                              spectral_slope=cfg.init_slope if cfg.parameterization == "spectral" else None)
         size = syn.input_size
         pbar = progress_bar(cfg, n_batches * cfg.iterations, self.name)
         out: list[torch.Tensor] = []

@@ -27,7 +27,7 @@ from .objectives import (
     total_variation,
 )
 
-__all__ = ["Phase", "FrozenModel", "Synthesizer", "progress_bar", "check_request", "scaled_px",
+__all__ = ["Phase", "FrozenModel", "Synthesizer", "SpectralBasis", "progress_bar", "check_request", "scaled_px",
            "roll_flip", "local_crops"]
 
 
@@ -73,6 +73,34 @@ def local_crops(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
+class SpectralBasis:
+    """Images held as weighted Fourier coefficients: ``x = irfft2(z * w)``, ``w ~ 1/f^slope``.
+
+    Adam moves every coordinate of what it optimises by about the learning rate per step, whatever
+    the gradient's size. On pixels that adds white noise at every step, and a model with small
+    patches turns it into rough images far from natural statistics (zoo:swin-scenes: dfq's pixel
+    images ended 2x rougher than real scenes and calibrated worse than their own smooth starts).
+    On these coefficients the same step is noise with a ``1/f^slope`` spectrum, like dfq's starts
+    (dfq passes its ``init_slope``), as in feature visualisation's decorrelated parameterisation
+    (Olah et al., 2017). ``w`` is scaled to unit RMS, so a step changes a pixel by about as much
+    as in the pixel basis.
+    """
+
+    def __init__(self, height: int, width: int, device, slope: float):
+        self.size = (height, width)
+        radius = torch.hypot(torch.fft.fftfreq(height, device=device)[:, None],
+                             torch.fft.rfftfreq(width, device=device)[None, :])
+        weight = radius.clamp_min(1.0 / max(height, width)) ** -slope
+        self.weight = weight / weight.square().mean().sqrt()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Real coefficients ``(B, C, H, W // 2 + 1, 2)`` of images ``(B, C, H, W)``."""
+        return torch.view_as_real(torch.fft.rfft2(x.float(), norm="ortho") / self.weight).contiguous()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft2(torch.view_as_complex(z) * self.weight, s=self.size, norm="ortho")
+
+
 # =============================================================================== engine
 
 @dataclass
@@ -111,7 +139,10 @@ class FrozenModel:
 class Synthesizer:
     """Optimises one batch of images through a sequence of phases (the shared machinery)."""
 
-    def __init__(self, model: nn.Module, cfg, ctx: CalibrationContext, name: str):
+    def __init__(self, model: nn.Module, cfg, ctx: CalibrationContext, name: str,
+                 spectral_slope: float | None = None):
+        """``spectral_slope``: optimise the images in :class:`SpectralBasis` with this slope
+        (None: optimise the pixels, as PSAQ-ViT)."""
         self.model, self.cfg, self.ctx, self.name = model, cfg, ctx, name
         self.device = torch.device(ctx.device)
         dc = ctx.data_config
@@ -134,6 +165,8 @@ class Synthesizer:
             raise UserError(f"{type(model).__name__} has no attention module with a `proj` layer to read the "
                             "patch similarity from; set patch_entropy=False")
         self.lr = cfg.lr if cfg.lr is not None else (0.25 if is_swin(model, self.taps) else 0.20)
+        self.basis = (None if spectral_slope is None
+                      else SpectralBasis(*self.input_size[1:], self.device, slope=spectral_slope))
         self.amp = bool(cfg.amp) and self.device.type == "cuda"
         self.graph = bool(cfg.cuda_graph) and self.device.type == "cuda" and not cfg.compile
         self.num_classes = self._num_classes()
@@ -206,8 +239,21 @@ class Synthesizer:
         return loss, logits[:b], xj, torch.stack([ce, local, ent, tv])
 
     # -------------------------------------------------------------------- the loop
-    def _step(self, opt, x, y, off, flip, crop, tau, smoothing, qmodel):
+    def _images(self, param: torch.Tensor) -> torch.Tensor:
+        """The images that ``param`` (the tensor Adam moves) stands for."""
+        return param if self.basis is None else self.basis.decode(param)
+
+    def _clip(self, param: torch.Tensor):
+        """Clip the images to the valid pixel range in place (in the spectral basis: re-encode the
+        clipped images, so that either basis optimises the same constrained problem)."""
+        if self.basis is None:
+            param.clamp_(self.lo, self.hi)
+        else:
+            param.copy_(self.basis.encode(self.basis.decode(param).clamp(self.lo, self.hi)))
+
+    def _step(self, opt, param, y, off, flip, crop, tau, smoothing, qmodel):
         """One optimisation step of the images (loss, backward, Adam, clip), with no host sync."""
+        x = self._images(param)
         loss, logits, xj, parts = self._objective_fn(x, y, off, flip, crop, tau, smoothing)
         kl = torch.zeros((), device=x.device)
         if qmodel is not None:
@@ -217,7 +263,7 @@ class Synthesizer:
         loss.backward()
         opt.step()
         with torch.no_grad():
-            x.clamp_(self.lo, self.hi)
+            self._clip(param)
         return loss, parts, kl
 
     def run(self, x0: torch.Tensor, y: torch.Tensor, phases: list[Phase], tau: float,
@@ -233,7 +279,8 @@ class Synthesizer:
         """
         cfg, dev = self.cfg, self.device
         b = x0.shape[0]
-        x = x0.to(dev).requires_grad_(True)  # like PSAQ-ViT: clipped after every step, not before
+        x0 = x0.to(dev)   # like PSAQ-ViT: clipped after every step, not before
+        x = (x0 if self.basis is None else self.basis.encode(x0)).requires_grad_(True)
         y = y.to(dev)
         tau_t = torch.tensor(float(tau), device=dev)
         lr = torch.tensor(self.lr, device=dev) if self.graph else self.lr
@@ -306,7 +353,9 @@ class Synthesizer:
         p = parts.detach().float().cpu().tolist()
         stats = {"loss": float(loss.detach()), "ce": p[0], "local_ce": p[1], "entropy": p[2], "tv": p[3],
                  "kl": float(kl.detach())}
-        return x.detach().clamp_(self.lo, self.hi).float().cpu(), stats
+        with torch.no_grad():
+            images = self._images(x.detach()).clamp_(self.lo, self.hi)
+        return images.float().cpu(), stats
 
     def _capture(self, stream, opt, x, *step_args):
         """Capture one step as a CUDA graph on ``stream``; returns the graph and its (static) outputs."""
