@@ -26,6 +26,7 @@ from .objectives import (
     REF_SIDE, find_attention_taps, is_swin, kl_fp_q, patch_similarity, similarity_entropy, smoothed_ce,
     total_variation,
 )
+from .sources import frequency_radius
 
 __all__ = ["Phase", "FrozenModel", "Synthesizer", "SpectralBasis", "progress_bar", "check_request", "scaled_px",
            "roll_flip", "local_crops"]
@@ -88,9 +89,7 @@ class SpectralBasis:
 
     def __init__(self, height: int, width: int, device, slope: float):
         self.size = (height, width)
-        radius = torch.hypot(torch.fft.fftfreq(height, device=device)[:, None],
-                             torch.fft.rfftfreq(width, device=device)[None, :])
-        weight = radius.clamp_min(1.0 / max(height, width)) ** -slope
+        weight = frequency_radius(height, width, device) ** -slope
         self.weight = weight / weight.square().mean().sqrt()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

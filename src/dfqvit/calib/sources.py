@@ -9,6 +9,14 @@ from ..errors import UserError
 from .base import CalibrationContext, CalibrationSource, register_source
 
 
+def frequency_radius(height: int, width: int, device=None) -> torch.Tensor:
+    """``|f|`` on the ``rfft2`` grid of a ``height x width`` image, for ``1/f^slope`` spectra; the
+    lowest nonzero frequency stands in for DC so that ``1/f`` stays finite."""
+    radius = torch.hypot(torch.fft.fftfreq(height, device=device)[:, None],
+                         torch.fft.rfftfreq(width, device=device)[None, :])
+    return radius.clamp_min(1.0 / max(height, width))
+
+
 def noise_images(generator: torch.Generator, n: int, input_size, slope: float = 0.0) -> torch.Tensor:
     """Gaussian noise images in the normalised input space whose amplitude spectrum falls as
     ``1/f^slope``. ``slope = 0`` is white noise, standard normal per pixel. With ``slope > 0``
@@ -19,8 +27,7 @@ def noise_images(generator: torch.Generator, n: int, input_size, slope: float = 
     if slope == 0:
         return x
     h, w = input_size[1:]
-    radius = torch.hypot(torch.fft.fftfreq(h)[:, None], torch.fft.rfftfreq(w)[None, :])
-    x = torch.fft.irfft2(torch.fft.rfft2(x) / radius.clamp_min(1.0 / max(h, w)) ** slope, s=(h, w))
+    x = torch.fft.irfft2(torch.fft.rfft2(x) / frequency_radius(h, w) ** slope, s=(h, w))
     x = x - x.mean((1, 2, 3), keepdim=True)
     return x / x.std((1, 2, 3), keepdim=True)
 
