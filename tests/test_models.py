@@ -302,15 +302,13 @@ FIRST_1000_TOP1 = {"deit-scenes": 56.20, "swin-scenes": 46.10}
 def test_zoo_card_accuracy_reproduces(card_path):
     """The card's top-1 is what evaluating the checkpoint on the 10k test split gives (the
     scenes models: what their first 1000 test scenes give)."""
-    from dfqvit.data import make_dataset, make_loader
-    from dfqvit.evaluate import evaluate
+    from dfqvit.data import make_dataset
+    from dfqvit.pipeline import EvalSet
 
     card = json.loads(card_path.read_text())
     model, cfg, _ = load_model(f"zoo:{card_path.stem}")
-    dataset = make_dataset(card["dataset"], cfg, split="test")
     images, top1 = (1000, FIRST_1000_TOP1[card_path.stem]) if card_path.stem in FIRST_1000_TOP1 else (10000, card["top1"])
-    if images < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(images))
-    result = evaluate(model, make_loader(dataset, 500), progress=False)
+    evalset = EvalSet.from_dataset(make_dataset(card["dataset"], cfg, split="test"), limit=images, progress=False)
+    result, _ = evalset.evaluate(model, progress=False)
     assert result.images == images
     assert result.top1 == pytest.approx(top1, abs=0.01)
