@@ -42,6 +42,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def protocol_data(name: str, seed: int = 0, eval_size: int = 5000):
+    """(model, calibration images, test images, test targets, FP32 test logits) of the protocol."""
+    model, data_config, _ = load_model(name)
+    train = make_dataset(FASHION_MNIST, data_config, split="train")
+    idx = np.random.RandomState(seed).permutation(len(train))[:32]
+    calib = torch.stack([train[int(i)][0] for i in idx])
+    test = make_dataset(FASHION_MNIST, data_config, split="test")
+    images, targets = zip(*(test[i] for i in range(eval_size)))
+    images, targets = torch.stack(images), torch.tensor(targets)
+    return model, calib, images, targets, logits_of(model, images)
+
+
+def logits_of(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(b) for b in images.split(1000)])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(REPQ_VIT_CODE))
@@ -53,15 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sections = []
     for name in args.models:
-        model, data_config, _ = load_model(name)
-        train = make_dataset(FASHION_MNIST, data_config, split="train")
-        idx = np.random.RandomState(args.seed).permutation(len(train))[:32]
-        calib = torch.stack([train[int(i)][0] for i in idx])
-        test = make_dataset(FASHION_MNIST, data_config, split="test")
-        images, targets = zip(*(test[i] for i in range(args.eval_size)))
-        images, targets = torch.stack(images), torch.tensor(targets)
-        with torch.no_grad():
-            fp_logits = torch.cat([model(b) for b in images.split(1000)])
+        model, calib, images, targets, fp_logits = protocol_data(name, args.seed, args.eval_size)
         reference = REPQ_VIT_CODE.get(name, {})
         header = ["setting"] + (["RepQ-ViT code"] if reference and args.seed == 0 else []) + args.presets
         rows, costs = [], {}
@@ -73,9 +82,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 qmodel, _ = quantize(model, QuantConfig(w_bits=w_bits, a_bits=a_bits, preset=preset), calib)
                 costs.setdefault(preset, []).append(time.perf_counter() - start)
-                with torch.no_grad():
-                    logits = torch.cat([qmodel(b) for b in images.split(1000)])
-                r = score(logits, targets, reference_logits=fp_logits)
+                r = score(logits_of(qmodel, images), targets, reference_logits=fp_logits)
                 row.append(f"{r.top1:.2f} / {r.agreement:.2f} / {r.kl:.4f}")
                 print(f"{name} {setting} {preset:10s} {row[-1]}", flush=True)
             rows.append(row)
