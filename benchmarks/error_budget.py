@@ -39,6 +39,15 @@ def low_bit_quantizers(qmodel, a_bits: int) -> list:
     return [(n, q) for n, q in quantizers(qmodel) if not n.endswith("weight_quant") and q.bits == a_bits]
 
 
+def budget_rows(names: list[str]) -> list[tuple[str, list[str]]]:
+    """(row label, quantizers it keeps at the low width): none, each group, the rest ("other",
+    when there is any: e.g. Swin's patch merging) and all."""
+    groups = [(label, [n for n in names if fnmatch.fnmatchcase(n, pattern)]) for label, pattern in GROUPS.items()]
+    grouped = {n for _, members in groups for n in members}
+    other = [n for n in names if n not in grouped]
+    return [("none", []), *groups, *([("other", other)] if other else []), ("all", names)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["zoo:deit-fmnist", "zoo:swin-fmnist"])
@@ -54,21 +63,16 @@ def main(argv=None) -> int:
     sections = []
     for name in args.models:
         model, calib, images, targets, fp_logits = protocol_data(name, args.seed, args.eval_size)
+        names = [n for n, _ in low_bit_quantizers(quantize_model(copy.deepcopy(model), config)[0], args.a_bits)]
         rows = []
-        for label, pattern in [("none", None), *GROUPS.items(), ("other", "*"), ("all", "*")]:
+        for label, members in budget_rows(names):
             qmodel, _ = quantize_model(copy.deepcopy(model), config)
-            low = low_bit_quantizers(qmodel, args.a_bits)
-            grouped = {n for n, _ in low if any(fnmatch.fnmatchcase(n, p) for p in GROUPS.values())}
-            in_group = [n for n, _ in low if pattern is not None and fnmatch.fnmatchcase(n, pattern)
-                        and (label != "other" or n not in grouped)]
-            if label == "other" and not in_group:
-                continue
-            for n, q in low:
-                if n not in in_group:
+            for n, q in low_bit_quantizers(qmodel, args.a_bits):
+                if n not in members:
                     q.bits = args.high_bits
             calibrate(qmodel, config, calib, progress=False)
             r = score(logits_of(qmodel, images), targets, reference_logits=fp_logits)
-            rows.append([label, str(len(in_group)), f"{r.top1:.2f} / {r.agreement:.2f} / {r.kl:.4f}"])
+            rows.append([label, str(len(members)), f"{r.top1:.2f} / {r.agreement:.2f} / {r.kl:.4f}"])
             print(f"{name} {label:28s} {rows[-1][1]:>3s} quantizers  {rows[-1][2]}", flush=True)
         sections.append(f"**{name}** (W{args.w_bits}, activations at A{args.high_bits} except the row's group at "
                         f"A{args.a_bits}; preset {args.preset}, seed {args.seed})\n\n"

@@ -24,8 +24,8 @@ def test_registered():
     ("psaq", {"jitter": []}), ("psaq", {"kde_range": "global"}), ("dfq", {"iterations": 0}),
     ("dfq", {"e2h_stages": 0}), ("dfq", {"crop_scale": (0.5, 2.0)}), ("dfq", {"local_crops": "yes"}),
     ("dfq", {"unknown_field": 1}), ("dfq", {"batch_size": 1.5}), ("dfq", {"betas": (0.5,)}),
-    ("dfq", {"cuda_graph": "yes"}), ("psaq", {"cuda_graph": 1}), ("dfq", {"init_slope": -1.0}), ("dfq", {"parameterization": "fourier"}),
-    ("dfq", {"start_share": 1.0}), ("dfq", {"start_share": -0.1}),
+    ("dfq", {"cuda_graph": "yes"}), ("psaq", {"cuda_graph": 1}), ("dfq", {"init_slope": -1.0}),
+    ("dfq", {"parameterization": "fourier"}), ("dfq", {"start_share": 1.0}), ("dfq", {"start_share": -0.1}),
 ])
 def test_bad_config_raises_user_error(name, bad):
     with pytest.raises(UserError):
