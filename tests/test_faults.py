@@ -278,8 +278,11 @@ def test_interrupted_quantize_leaves_nothing_and_reruns(tmp_path, model_args, si
     out = tmp_path / "q"
     argv = [sys.executable, "-m", "dfqvit.cli", "quantize", *model_args, "--calib", "dfq", "--calib-size", "8",
             "--synth-opts", "iterations=400", "--acm", "off", "--no-eval", "--out", str(out)]
+    # A suite started as a background job (`make test &`, nohup) inherits SIGINT ignored, and so would
+    # the child: give it the default disposition, so that Python's KeyboardInterrupt handler is installed.
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = proc.stderr.read(1)          # the first byte of the first progress bar
     time.sleep(after)
     proc.send_signal(sig)
