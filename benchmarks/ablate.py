@@ -40,7 +40,7 @@ CACHE = ROOT / "runs" / "calib-cache"
 
 SYNTHESIZED = ("psaq", "dfq")   # sources whose images are cached and timed
 SMOOTH = (("slope", 2.0),)      # smooth 1/f² noise: dfq's start, with no synthesis step
-SPECTRAL = (("parameterization", "spectral"),)   # dfq whose Adam steps are 1/f^init_slope-weighted (smooth)
+PIXEL = (("parameterization", "pixel"),)   # dfq whose Adam steps move pixels (white) instead of 1/f^slope coefficients
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ TABLES = {
         methods=[m for p in ("repq-vit", "repq-comp") for m in (
             Method(f"white noise {p}", "noise", preset=p), Method(f"smooth noise {p}", "noise", preset=p, synth_opts=SMOOTH),
             Method(f"psaq {p}", "psaq", preset=p), Method(f"dfq {p}", "dfq", preset=p, mined=True),
-            Method(f"dfq spectral {p}", "dfq", preset=p, mined=True, synth_opts=SPECTRAL),
+            Method(f"dfq pixel {p}", "dfq", preset=p, mined=True, synth_opts=PIXEL),
             Method(f"real {p}", "real", preset=p))]),
     "calib": dict(
         settings=[(4, 8), (6, 6), (4, 4), (3, 4)],
@@ -104,7 +104,7 @@ TABLES = {
                      ("− local crops", "local_crops", False), ("− patch entropy", "patch_entropy", False),
                      ("− TV prior", "tv_prior", False), ("− smooth start (white noise)", "init_slope", 0.0),
                      ("− unoptimised starts", "start_share", 0.0))),
-                 Method("+ spectral steps", "dfq", synth_opts=SPECTRAL, mined=True),
+                 Method("− spectral steps (pixel steps)", "dfq", synth_opts=PIXEL, mined=True),
                  Method("real", "real")]),
 }
 

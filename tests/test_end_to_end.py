@@ -36,11 +36,12 @@ def test_data_free_w4a8_stays_close_to_fp32(swin):
                                       acm=ACMConfig(), progress=False)
     assert images.shape == (32, *data_config["input_size"])
     assert (row["acm"], row["acm_ridge"], row["acm_noise_share"], row["acm_fit_images"]) == ("full", 1.0, 0.5, 48)
-    # measured over seeds 0-2: top-1 0.40-0.90 below FP32's 93.75, agreement 98.6-99.0 %,
-    # KL 0.0050-0.0068 (2000 images: one point of top-1 is 20 images)
-    assert row["fp32_top1"] - row["top1"] < 1.5
-    assert row["agreement"] > 97.5
-    assert row["kl"] < 0.010
+    # measured over seeds 0-2: top-1 0.35-0.40 below FP32's 93.75, agreement 98.75-99.15 %,
+    # KL 0.0027-0.0037 (2000 images: one point of top-1 is 20 images); with pixel steps
+    # (parameterization="pixel", the default before the spectral one) 0.40-0.90, 98.6-99.0 %, 0.0050-0.0068
+    assert row["fp32_top1"] - row["top1"] < 1.0
+    assert row["agreement"] > 98.0
+    assert row["kl"] < 0.0055
     # 4-bit weights; the full ACM maps (7.8 % more parameters here) are stored in fp32
     assert row["weight_bytes"] - 4 * row["acm_params"] < 0.2 * row["fp32_weight_bytes"]
     assert row["acm_params_pct"] < 8
@@ -57,6 +58,6 @@ def test_calibration_sources_rank_at_w4a4(swin):
                                      CalibSpec(source=source, size=32, seed=0, options=opts), evalset, progress=False)
         kl[source] = row["kl"]
     # measured, seed 0 (seeds 1, 2): noise 0.042 (0.040, 0.045), real 0.031 (0.036, 0.034),
-    # dfq 0.030 (0.028, 0.030)
+    # dfq 0.0185 (0.0197, 0.0181); dfq with pixel steps 0.030 (0.028, 0.030), i.e. 0.67-0.71x noise
     assert kl["real"] < 0.85 * kl["noise"]
-    assert kl["dfq"] < 0.85 * kl["noise"]
+    assert kl["dfq"] < 0.6 * kl["noise"]

@@ -105,7 +105,7 @@ def test_model_left_as_found(name, synth_model, synth_ctx):
 
 
 @pytest.mark.parametrize("name,kw", [("psaq", dict(iterations=20, rounds=1)), ("dfq", dict(iterations=20)),
-                                     ("dfq", dict(iterations=20, parameterization="spectral"))])
+                                     ("dfq", dict(iterations=20, parameterization="pixel"))])
 def test_short_run_lowers_ce(name, kw, vit, synth_ctx):
     src = make_source(name, **kw, **FAST)
     images = src.generate(vit, 12, synth_ctx())
@@ -125,7 +125,7 @@ def test_deterministic_and_seeded(name, vit, synth_ctx):
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("name,kw", [("psaq", dict(rounds=1)), ("dfq", {}), ("dfq", dict(parameterization="spectral"))])
+@pytest.mark.parametrize("name,kw", [("psaq", dict(rounds=1)), ("dfq", {}), ("dfq", dict(parameterization="pixel"))])
 def test_output_shape_range_and_batching(name, kw, vit, synth_ctx, synth_data_config):
     src = make_source(name, iterations=3, batch_size=2, **kw, **FAST)
     x = src.generate(vit, 5, synth_ctx())
@@ -155,8 +155,8 @@ def test_spectral_images_are_smoother_than_pixel_ones(synth_model, synth_ctx, sy
     kw = dict(iterations=30, start_share=0.0, e2h_stages=1, **FAST)
     lo, hi = valid_pixel_range(synth_data_config)
     start = noise_images(torch.Generator().manual_seed(0), 4, (1, 32, 32), 2.0).clamp(lo, hi)   # seed 0's starts
-    pixel = make_source("dfq", **kw).generate(model, 4, synth_ctx())
-    spectral = make_source("dfq", parameterization="spectral", **kw).generate(model, 4, synth_ctx())
+    pixel = make_source("dfq", parameterization="pixel", **kw).generate(model, 4, synth_ctx())
+    spectral = make_source("dfq", **kw).generate(model, 4, synth_ctx())   # the default
     assert total_variation(spectral - start) < 0.5 * total_variation(pixel - start)
 
 

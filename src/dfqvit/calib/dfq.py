@@ -55,6 +55,10 @@ class DFQSynthConfig(ConfigChecks):
     target. No weights ever move. With ``e2h_stages=1`` there are no earlier images, so no mining.
     Images start as noise with a ``1/f^init_slope`` amplitude spectrum (ours; PSAQ-ViT starts
     from white noise): smooth starts give activations closer to real images' (docs/DESIGN.md).
+    Adam then moves the images' ``1/f^init_slope``-weighted Fourier coefficients
+    (``parameterization="spectral"``, ours), so every step is smooth like the start; with
+    ``"pixel"`` every step adds white noise, which the fashion-scenes Swin turns into rough
+    images that calibrate worse than the starts themselves (docs/DESIGN.md, zoo section).
     ``iterations`` is per stage (= per image): 32 images in 3 stages cost 3 x 100 steps on
     batches of ~11 images (x2 with local crops, which share the forward pass).
     ``start_share`` (ours) keeps ``round(N * start_share)`` images as their smooth starts, with
@@ -66,7 +70,7 @@ class DFQSynthConfig(ConfigChecks):
     batch_size: int = 32
     lr: float | None = None                    # None: 0.20, 0.25 for Swin (as PSAQ-ViT)
     betas: tuple[float, float] = (0.5, 0.9)
-    parameterization: str = "pixel"            # what Adam moves: pixels, or "spectral" 1/f^init_slope coefficients
+    parameterization: str = "spectral"         # what Adam moves: 1/f^init_slope-weighted Fourier coefficients, or "pixel"
     warmup_frac: float = 0.2
     init_slope: float = 2.0                    # start: noise with amplitude ~ 1/f^slope (0: white, as PSAQ)
     start_share: float = 0.25                  # share of the N images left as their starts, unoptimised
