@@ -35,7 +35,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_PREFIX = "dfqvit."
 
 LOG2_DESCRIPTIONS = {
-    "emulate": "log-sqrt2, emulated with float ops (same levels; exact up to float rounding at code boundaries)",
+    "emulate": "log-sqrt2, emulated with float ops (same codes up to float rounding at code boundaries; levels within a few float ulps, bit for bit with rounding='torch')",
     "uint8": "APPROXIMATED by a uniform uint8 QDQ on [0, delta] (not the simulated quantizer)",
     "float": "dropped: attention probabilities stay float (not the simulated quantizer)",
 }
