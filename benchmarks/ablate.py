@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from common import ROOT, markdown_table, mean_std, publish
+from common import ROOT, markdown_table, mean_std, model_dataset, publish
 
 from dfqvit.acm import ACMConfig
 from dfqvit.calib.base import make_source
 from dfqvit.calib.cache import file_sha256, load_calibration_file, save_calibration_file, sidecar_path
 from dfqvit.data import FASHION_MNIST, make_dataset
-from dfqvit.models import load_model, zoo_card
+from dfqvit.models import load_model
 from dfqvit.pipeline import CalibSpec, EvalSet, calibration_images, run_quantization
 from dfqvit.quant import QuantConfig
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     for model_name in args.models:
         model, data_config, spec = load_model(model_name)
         model_tag = model_name.replace(":", "_") + (f"-{file_sha256(spec.checkpoint)[:12]}" if spec.checkpoint else "")
-        data = zoo_card(model_name).get("dataset", FASHION_MNIST) if model_name.startswith("zoo:") else FASHION_MNIST
+        data = model_dataset(model_name)
         dataset = make_dataset(data, data_config, split="test")
         evalset = EvalSet.from_dataset(dataset, limit=args.eval_size)
         fp = evalset.set_reference(model, progress=False)

@@ -18,10 +18,10 @@ import argparse
 import sys
 
 import torch
-from common import markdown_table, publish
+from common import markdown_table, model_dataset, publish
 
-from dfqvit.data import FASHION_MNIST, make_dataset
-from dfqvit.models import load_model, zoo_card
+from dfqvit.data import make_dataset
+from dfqvit.models import load_model
 
 
 def _blocks(model):
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     sections = []
     for model_name in args.models:
         model, data_config, _ = load_model(model_name)
-        data = zoo_card(model_name).get("dataset", FASHION_MNIST) if model_name.startswith("zoo:") else FASHION_MNIST
+        data = model_dataset(model_name)
         dataset = make_dataset(data, data_config, split="test")
         images = torch.stack([dataset[i][0] for i in range(min(args.images, len(dataset)))])
         rows = block_stats(model.eval(), images)

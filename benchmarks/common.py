@@ -16,6 +16,13 @@ RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def model_dataset(model_name: str) -> str:
+    """The built-in dataset a model is evaluated and really calibrated on: a zoo card's, else Fashion-MNIST."""
+    from dfqvit.data import FASHION_MNIST
+    from dfqvit.models import zoo_card
+    return zoo_card(model_name).get("dataset", FASHION_MNIST) if model_name.startswith("zoo:") else FASHION_MNIST
+
+
 def mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
