@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,18 @@ def test_percentile_range_is_repq_vits_search():
     w = torch.stack([torch.linspace(-1, 1, 1000), torch.linspace(-5, 5, 1000)])
     lo, hi = P.percentile_range(w, 4, channel_dim=0)
     assert lo.shape == hi.shape == (2,) and hi[1] > 4 * hi[0]
+
+
+@pytest.mark.parametrize("shape, dim", [((1,), None), ((7,), None), ((20001,), None), ((3, 5000), 1), ((5000, 4), 0)])
+def test_quantiles_match_numpys_linear_interpolation(shape, dim):
+    # the tails go through topk, the middle through a sort: both must be numpy's definition
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) ** 3
+    qs = (0.0, 1e-5, 1e-3, 0.3, 0.5, 0.999, 0.99999, 1.0)
+    for q, got in zip(qs, P.quantiles(x, qs, dim)):
+        ref = torch.as_tensor(np.quantile(x.double().numpy(), q, axis=dim))
+        assert got.shape == ref.shape
+        assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6), q
+        assert torch.equal(P.quantile(x, q, dim), got)
 
 
 def test_quantile_beyond_torch_limit():
