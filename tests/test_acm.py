@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from dfqvit import acm as acm_module
 from dfqvit.acm import (ACMConfig, ActivationCorrection, Corrected, correction_cost, correction_points,
                         fit_corrections, fit_images)
 from dfqvit.calib.sources import noise_images
@@ -110,6 +111,21 @@ def test_lowers_error_on_calibration_and_held_out(spec, where):
         err_plain = (block_outputs(plain, held_out)[-1] - block_outputs(fp, held_out)[-1]).pow(2).mean()
         err_acm = (block_outputs(qmodel, held_out)[-1] - block_outputs(fp, held_out)[-1]).pow(2).mean()
         assert err_acm < err_plain
+
+
+@pytest.mark.parametrize("spec, where", [(DEIT, "branch"), (SWIN, "block")], ids=["deit-branch", "swin-block"])
+def test_fp_targets_from_one_pass_match_a_pass_per_point(spec, where, monkeypatch):
+    # the FP targets are gathered in one forward pass; running the FP model up to each point gives the same fit
+    fp = make(spec)
+    qmodel, _ = quantize(fp, QuantConfig(preset=PRESET, w_bits=4, a_bits=4), noise(24, 10))
+    config = ACMConfig(kind="full", where=where, batch_size=10)
+    fast, slow = copy.deepcopy(qmodel), copy.deepcopy(qmodel)
+    fit_corrections(fast, fp, noise(24, 10), config, progress=False)
+    monkeypatch.setattr(acm_module, "_outputs", lambda model, modules, images: [
+        acm_module._run_until(model, m, images)["x"] for m in modules])
+    fit_corrections(slow, fp, noise(24, 10), config, progress=False)
+    for a, b in zip(fast.state_dict().values(), slow.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_fit_images_append_smooth_noise_inside_the_images_range():

@@ -197,6 +197,18 @@ def _run_until(model, module, images, want_input=False):
     return box
 
 
+def _outputs(model: nn.Module, modules: list[nn.Module], images: torch.Tensor) -> list[torch.Tensor]:
+    """Each module's (first) output for ``images``, from one forward pass of ``model``."""
+    outs: dict = {}
+    handles = [m.register_forward_hook(lambda mod, _, out, i=i: outs.setdefault(i, out)) for i, m in enumerate(modules)]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return [outs[i] for i in range(len(modules))]
+
+
 def _gram(x: torch.Tensor, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Normal-equation terms of one batch (float64); a bias column is appended to ``x``."""
     if kind == "full":
@@ -272,15 +284,19 @@ def fit_corrections(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor
     images = fit_images(images, config.noise_share, seed)
     batches = images.to(device).split(config.batch_size)
     summary = {"config": config, "points": names, "fit_images": len(images), "mse_before": [], "mse_after": []}
-    for name in tqdm(names, desc="ACM", disable=not progress, leave=False):
+    # The FP targets do not change as corrections are fitted: one FP pass per batch gives all of them,
+    # instead of one pass up to each point (the quantized side must be re-run, point after point).
+    fp_targets = ([_outputs(fp_model, [fp_model.get_submodule(n) for n in names], b) for b in batches]
+                  if config.target == "fp" else None)
+    for p, name in enumerate(tqdm(names, desc="ACM", disable=not progress, leave=False)):
         wrapper: Corrected = qmodel.get_submodule(name)
         fp_module = fp_model.get_submodule(name)
         ata = aty = None
         sq_err = yy = count = 0.0
-        for batch in batches:
+        for b, batch in enumerate(batches):
             x = _run_until(qmodel, wrapper.module, batch)["x"]
             if config.target == "fp":
-                y = _run_until(fp_model, fp_module, batch)["x"]
+                y = fp_targets[b][p]
             else:
                 inp = _run_until(qmodel, wrapper.module, batch, want_input=True)
                 y = fp_module(inp["x"], **inp["kwargs"])
