@@ -2,7 +2,8 @@
 
 For each iteration budget (per E2H stage), synthesize the calibration set, quantize with it
 and evaluate on the model's test split (its zoo card's dataset) against FP32; white noise, smooth
-noise (dfq's start, no step taken) and real calibration are the reference points. The default iteration count of ``DFQSynthConfig`` is chosen from this curve.
+noise (dfq's start, no step taken) and real calibration are the reference points. The default
+iteration count of ``DFQSynthConfig`` is chosen from this curve.
 
     python benchmarks/synth_curve.py --model zoo:swin-scenes --setting W4A4 --iters 10 25 50 100 --eval-size 2000 --write
 """
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     publish(f"synth-curve-{args.model.removeprefix('zoo:')}", "synth_curve.py", argv, "",
             f"{args.model} at {args.setting} (preset {qconfig.preset}, ACM {args.acm}, {args.calib_size} images, "
-            f"{len(evalset.targets)} test images; FP32 top-1 {fp.top1:.2f}%), seeds {args.seeds}; synthesis seconds include hard-example mining's calibrations.\n\n"
+            f"{len(evalset.targets)} test images; FP32 top-1 {fp.top1:.2f}%), seeds {args.seeds}; "
+            "synthesis seconds include hard-example mining's calibrations.\n\n"
             + markdown_table(["calibration", "synthesis s", "top-1 %", "KL(FP32‖Q)"], rows), args.write)
     return 0
 

@@ -114,17 +114,20 @@ def quantiles(x: torch.Tensor, qs: tuple[float, ...], dim: int | None = None) ->
     ranks = [q * (n - 1) for q in qs]
     need_top = max((n - math.floor(r) for q, r in zip(qs, ranks) if q >= 0.5), default=0)
     need_bottom = max((math.floor(r) + 2 for q, r in zip(qs, ranks) if q < 0.5), default=0)
-    if max(need_top, need_bottom) > max(64, n // 16):
-        ascending = v.sort(dim=-1).values
-        def at(i, q): return ascending[..., i]
-    else:
-        top = torch.topk(v, min(need_top, n), dim=-1, sorted=True).values if need_top else None
-        bottom = torch.topk(v, min(need_bottom, n), dim=-1, largest=False, sorted=True).values if need_bottom else None
-        def at(i, q): return top[..., n - 1 - i] if q >= 0.5 else bottom[..., i]
+    sort = max(need_top, need_bottom) > max(64, n // 16)   # not only tails: one full sort is cheaper
+    ascending = v.sort(dim=-1).values if sort else None
+    top = torch.topk(v, min(need_top, n), dim=-1).values if need_top and not sort else None
+    bottom = torch.topk(v, min(need_bottom, n), dim=-1, largest=False).values if need_bottom and not sort else None
+
+    def order_statistic(i: int, q: float) -> torch.Tensor:   # the value of ascending rank i
+        if sort:
+            return ascending[..., i]
+        return top[..., n - 1 - i] if q >= 0.5 else bottom[..., i]
+
     out = []
     for q, r in zip(qs, ranks):
         below = math.floor(r)
-        out.append(torch.lerp(at(below, q), at(min(below + 1, n - 1), q), r - below))
+        out.append(torch.lerp(order_statistic(below, q), order_statistic(min(below + 1, n - 1), q), r - below))
     return out
 
 
