@@ -41,13 +41,51 @@ _REF_STD = (0.229 + 0.224 + 0.225) / 3
 # exp(-z) for z > 60 is < 1e-26: negligible next to the pdf floor, and clamping keeps exp away
 # from denormal results, which are ~7x slower on CPUs.
 _EXP_CLAMP = 60.0
+# Rows of the (rows, points, samples) kernel tensor made at once: on the CPU a few MiB, so the
+# intermediates stay in cache and in the allocator's pool (one tensor of the whole batch is
+# ~100 MiB for DeiT-T at 224 px, freshly mapped and page-faulted at every op); on a GPU all.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+
+
+class _GaussianKernelSums(torch.autograd.Function):
+    """``sum_j exp(-min(z_kj, 60))`` with ``z_kj = (g_k - s_j)^2`` for grid ``g`` ``(N, P)`` and
+    scaled samples ``s`` ``(N, M)``, a few rows at a time: nothing of size ``N·P·M`` is kept
+    for the backward pass, which recomputes each chunk (``∂/∂s_j = Σ_k grad_k · 2(g_k − s_j) · e_kj``,
+    zero where the clamp holds). The grid carries no gradient (it is a detached range)."""
+
+    @staticmethod
+    def _chunks(grid, samples):
+        """(first row, d = g − s, z = d²) of each chunk of rows."""
+        rows = max(1, _CHUNK_ELEMENTS.get(samples.device.type, 1 << 62) // (grid.shape[1] * samples.shape[1]))
+        for start in range(0, samples.shape[0], rows):
+            d = grid[start:start + rows].unsqueeze(-1) - samples[start:start + rows].unsqueeze(-2)   # (rows, P, M)
+            yield start, d, d.square()
+
+    @staticmethod
+    def forward(ctx, grid, samples):
+        ctx.save_for_backward(grid, samples)
+        return torch.cat([z.clamp_max_(_EXP_CLAMP).neg_().exp_().sum(-1)
+                          for _, _, z in _GaussianKernelSums._chunks(grid, samples)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grid, samples = ctx.saved_tensors
+        out = torch.empty_like(samples)
+        for start, d, z in _GaussianKernelSums._chunks(grid, samples):
+            clamped = z > _EXP_CLAMP        # clamp_max passes the gradient at z == 60
+            e = z.clamp_max_(_EXP_CLAMP).neg_().exp_()
+            e.mul_(grad[start:start + len(d)].unsqueeze(-1)).mul_(d).masked_fill_(clamped, 0.0)
+            out[start:start + len(d)] = e.sum(-2) * 2
+        return None, out
 
 
 def _kernel_sums(grid: torch.Tensor, samples: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """``sum_j exp(-(x_k - s_j)^2 / (2 h^2))`` for grid ``(..., R|1, P)`` and samples ``(..., R, M)``."""
     c = 1.0 / (math.sqrt(2.0) * bandwidth)                 # scale the small operands, not the big one
-    z = (grid.unsqueeze(-1) * c - (samples * c).unsqueeze(-2)).square()   # (..., R, P, M)
-    return torch.exp(-z.clamp_max(_EXP_CLAMP)).sum(-1)
+    lead, points = samples.shape[:-1], grid.shape[-1]
+    g = (grid * c).expand(*lead, points).reshape(-1, points)
+    s = (samples * c).reshape(-1, samples.shape[-1])
+    return _GaussianKernelSums.apply(g, s).reshape(*lead, points)
 
 
 def _entropy_from_sums(sums: torch.Tensor, count: float, grid: torch.Tensor, bandwidth: float,

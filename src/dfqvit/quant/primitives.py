@@ -25,12 +25,35 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+class _FakeQuantCPU(torch.autograd.Function):
+    """Torch's fused fake-quant arithmetic as vectorised ops (its CPU kernel is scalar, about 10x
+    slower): ``(clamp(round(x · (1/s)) + z, qmin, qmax) − z) · s``, bit for bit, and its
+    straight-through gradient (1 where the unclamped code lies in ``[qmin, qmax]``, else 0)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        code = (x * torch.reciprocal(scale)).round_().add_(zero_point)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((code >= qmin) & (code <= qmax))
+        return code.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                axis: int | None = None) -> torch.Tensor:
     """Quantize-dequantize (per tensor, or per channel along ``axis``) with straight-through
-    gradients that vanish outside the clipping range; torch's fused kernels do the work."""
+    gradients that vanish outside the clipping range: torch's fused kernels on a GPU, the same
+    arithmetic as vectorised ops on the CPU."""
     xf = x.float()
-    zp = zero_point.round().to(torch.int32)
+    zp = zero_point.round()
+    if not xf.is_cuda:
+        shape = () if axis is None else [-1 if d == axis % xf.ndim else 1 for d in range(xf.ndim)]
+        return _FakeQuantCPU.apply(xf, scale.float().reshape(shape), zp.float().reshape(shape), qmin, qmax).to(x.dtype)
+    zp = zp.to(torch.int32)
     if axis is None:
         out = torch.fake_quantize_per_tensor_affine(xf, scale.float().reshape(()), zp.reshape(()), qmin, qmax)
     else:
