@@ -36,6 +36,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def machine_line() -> str:
+    """The CPU (with the vector ISA torch's kernels use: float results, and so the last digits of
+    a quantized model's figures, differ between AVX2 and AVX-512), threads and torch version."""
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -44,7 +46,8 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def git_commit() -> str:
