@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="repq-comp")
     p.add_argument("--quantize-static", action="store_true",
                    help="add ONNX Runtime's own quantize_static int8 model, calibrated on the same images")
+    p.add_argument("--weight-formats", nargs="+", default=["int8"], choices=["int8", "int8-vnni"],
+                   help="weight containers of the QDQ exports (int8-vnni differs only for 8-bit weights)")
     p.add_argument("--weight-only-int4", action="store_true",
                    help="add our weight-only W4 export (float activations, UINT4 weights -> MatMulNBits)")
     p.add_argument("--calib", default="noise", help="noise (default), real, or a data-free source (dfq, psaq)")
@@ -176,7 +178,8 @@ def measure(model_name: str, args) -> dict:
             ort_quantize_static(fp_path, paths[name], images, vnni=info["isa"]["AVX-VNNI"] or info["isa"]["AVX512-VNNI"])
             result["export"][name] = {"ort_ops": optimized_op_counts(paths[name], args.threads)}
             sessions[name] = make_session(paths[name], args.threads)
-        exports = [(w, a, mode, "int8", args.opset) for w, a in settings for mode in args.log2_softmax]
+        exports = [(w, a, mode, fmt, args.opset) for w, a in settings for fmt in args.weight_formats
+                   for mode in args.log2_softmax if fmt == "int8" or w == 8]
         if args.weight_only_int4:
             exports.append((4, 32, args.log2_softmax[0], "int4", max(21, args.opset)))
         for w, a, mode, weight_format, opset in exports:
@@ -185,7 +188,8 @@ def measure(model_name: str, args) -> dict:
             if not has_log2 and mode != args.log2_softmax[0]:
                 continue   # the softmax mode changes nothing without a post-softmax quantizer
             name = (f"dfqvit W{w} weight-only (int4, MatMulNBits)" if a > 8 else
-                    f"dfqvit W{w}A{a} QDQ" + (f", softmax {mode}" if has_log2 else ""))
+                    f"dfqvit W{w}A{a} QDQ" + (f" {weight_format}" if weight_format != "int8" else "")
+                    + (f", softmax {mode}" if has_log2 else ""))
             paths[name] = Path(d) / f"q-{len(paths)}.onnx"
             report = export_onnx(qmodel, paths[name], data_config, opset=opset, log2_softmax=mode,
                                  weight_format=weight_format, threads=args.threads)

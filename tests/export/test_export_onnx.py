@@ -24,7 +24,7 @@ from torch import nn
 
 from dfqvit.errors import UserError
 from dfqvit.export import export_float_onnx, export_onnx, make_session, read_onnx_metadata
-from dfqvit.export import qdq
+from dfqvit.export import onnx_export
 from dfqvit.export.qdq import Log2Function, QDQFunction
 from dfqvit.quant import QuantConfig, quantize, quantize_model
 from dfqvit.quant import primitives as P
@@ -143,7 +143,7 @@ def test_weight_container_by_bits(tmp_path, calib, monkeypatch, w_bits, expected
     qmodel = quantized("vit", w_bits, 8, calib, preset="repq-comp", first_last_bits=None)
     export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG)
     assert _code_dtypes(tmp_path / "m.onnx") == {expected}
-    monkeypatch.setattr(qdq, "SIGNED_CONTAINER_MAX_BITS", 0)
+    monkeypatch.setattr(onnx_export, "SIGNED_CONTAINER_MAX_BITS", 0)   # every weight in uint8
     export_onnx(qmodel, tmp_path / "u8.onnx", DATA_CONFIG)
     assert _code_dtypes(tmp_path / "u8.onnx") == {onnx.TensorProto.UINT8}
     x = {"input": np.random.default_rng(w_bits).standard_normal((16, 1, 28, 28)).astype(np.float32) * 2}
@@ -181,6 +181,24 @@ def test_int8_container_bound_in_onnx_runtime(signed_bits):
     got = make_session(proto.SerializeToString()).run(None, {"a": a})[0]
     exact = np.array_equal(got, (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float32))
     assert exact == (signed_bits <= 7 or _cpu_has_vnni())
+
+
+def test_int8_vnni_format_puts_8bit_weights_in_int8(tmp_path, calib):
+    """``weight_format="int8-vnni"``: 8-bit weights in int8 too, the same integer kernels as the
+    default export, and a note saying where it is exact; on a CPU with VNNI, ORT's outputs are
+    bit for bit those of the portable uint8 container (without VNNI the kernel saturates, as the
+    bound test above shows)."""
+    qmodel = quantized("vit", 8, 8, calib, preset="repq-comp", first_last_bits=None)
+    portable = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, verify=False)
+    vnni = export_onnx(qmodel, tmp_path / "v.onnx", DATA_CONFIG, weight_format="int8-vnni", verify=False)
+    assert _code_dtypes(tmp_path / "m.onnx") == {onnx.TensorProto.UINT8}
+    assert _code_dtypes(tmp_path / "v.onnx") == {onnx.TensorProto.INT8}
+    assert vnni.integer_ops == portable.integer_ops and vnni.integer_ops.get("MatMulIntegerToFloat")
+    assert any("int8-vnni" in note and "VNNI" in note for note in vnni.notes)
+    if _cpu_has_vnni():
+        x = {"input": np.random.default_rng(8).standard_normal((16, 1, 28, 28)).astype(np.float32) * 2}
+        got, reference = (make_session(tmp_path / f).run(None, x)[0] for f in ("v.onnx", "m.onnx"))
+        np.testing.assert_array_equal(got, reference)
 
 
 def _export_fn(tmp_path, fn, x, name="f.onnx"):

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
                         "function with float ops; uint8: integer attn·V, an approximation; float: dropped)")
     p.add_argument("--weight-format", default="int8", metavar="FMT",
                    help=f"weight container: {' | '.join(WEIGHT_FORMATS)} (default int8, runs as integer "
-                        "matmuls; int4 needs --opset 21 and runs as dequantize + float matmul)")
+                        "matmuls everywhere; int8-vnni also puts 8-bit weights in int8: faster, exact only on "
+                        "CPUs with VNNI / AMX; int4 needs --opset 21 and runs as dequantize + float matmul)")
     p.add_argument("--rounding", default="onnx", metavar="MODE",
                    help="activation rounding: onnx (textbook QuantizeLinear/DequantizeLinear pairs, default) | "
                         "torch (Mul by 1/scale first: the same codes as PyTorch even at rounding ties)")

@@ -25,7 +25,7 @@ from ..fileio import atomic_path, refuse_existing
 from ..quant.packing import pack_codes
 from ..quant.quantizers import Quantizer
 from .ort import make_session, optimized_op_counts, split_counts
-from .qdq import LOG2_MODES, WEIGHT_FORMATS, export_mode
+from .qdq import LOG2_MODES, SIGNED_CONTAINER_MAX_BITS, WEIGHT_FORMATS, export_mode
 
 ROUNDING_MODES = ("torch", "onnx")
 MIN_OPSET, MAX_OPSET = 13, 21   # per-axis DequantizeLinear needs 13; INT4 needs 21
@@ -253,8 +253,9 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
 
     ``log2_softmax``: ``"emulate"`` | ``"uint8"`` | ``"float"`` (see :mod:`dfqvit.export.qdq`).
     ``weight_format``: ``"int8"`` (codes of any bit-width in an 8-bit container; ORT turns
-    these into integer matmuls) or ``"int4"`` (≤4-bit codes stored as INT4, opset 21; ORT 1.32
-    dequantizes them and runs a float MatMul). ``patch_as_matmul`` exports the patch-embedding
+    these into integer matmuls), ``"int8-vnni"`` (the same, with 8-bit codes in int8 rather
+    than uint8: faster, exact only on CPUs with VNNI / AMX) or ``"int4"`` (≤4-bit codes stored
+    as INT4, opset 21; ORT 1.32 dequantizes them and runs a float MatMul). ``patch_as_matmul`` exports the patch-embedding
     conv as patchify + MatMul so it can run as an integer matmul too (same function).
     ``rounding``: ``"onnx"`` (default) emits the textbook pair ``QuantizeLinear(x, s, z)`` →
     ``DequantizeLinear(·, s, z)``, which rounds ``x / s`` where torch rounds ``x · (1/s)``, so a
@@ -286,7 +287,8 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
     qmodel.eval()
     example = torch.zeros(1, *input_shape, device=_model_device(qmodel))
     try:
-        with export_mode(qmodel, log2_softmax, patch_as_matmul, torch_rounding=rounding == "torch") as plan:
+        with export_mode(qmodel, log2_softmax, patch_as_matmul, torch_rounding=rounding == "torch",
+                         signed_max_bits=8 if weight_format == "int8-vnni" else SIGNED_CONTAINER_MAX_BITS) as plan:
             raw = _trace_to_onnx(qmodel, example, opset)
     finally:
         qmodel.train(was_training)
@@ -314,7 +316,10 @@ def export_onnx(qmodel: nn.Module, path, data_config: dict, opset: int = DEFAULT
         softmax = "float (no post-softmax quantizer in this model)"
     if any(b < 8 for b in plan.act_bits.values()):
         notes.append("activations below 8 bits: uint8 QuantizeLinear + integer Clip to [0, 2^b-1] (exact)")
-    if any(b < 8 for b in plan.weight_bits.values()) and weight_format == "int8":
+    if weight_format == "int8-vnni" and any(b == 8 for b in plan.weight_bits.values()):
+        notes.append("8-bit weights in an int8 container (int8-vnni): ORT's fast u8*s8 kernel, exact on CPUs with "
+                     "VNNI or AMX only; elsewhere its int16 pair sums saturate (wrong by whole steps): use int8 there")
+    if any(b < 8 for b in plan.weight_bits.values()) and weight_format in ("int8", "int8-vnni"):
         notes.append("weights below 8 bits: their codes stored in an int8 container, centred on zero (exact on every "
                      "x86 integer kernel, AVX2's fast u8*s8 one included; the file is not smaller)")
     if plan.rounded_zero_points:

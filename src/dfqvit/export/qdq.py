@@ -15,6 +15,9 @@ Exactness (what the exported graph computes vs the PyTorch simulation):
   centred on zero, which takes that fast u8·s8 kernel (~18 vs ~25 ms for u8·u8 on a DeiT-S
   fc1-shaped matmul, one AVX2 thread; docs/RESULTS.md); 8-bit weights go in a *uint8* container
   (a signed grid shifted up by ``2^(b-1)``), exact everywhere on the slower u8·u8 kernel.
+  ``weight_format="int8-vnni"`` puts 8-bit weights in the int8 container too: the fast u8·s8
+  kernel for W8 as well, exact on CPUs with VNNI or AMX (whose instructions sum in int32) and
+  wrong by whole steps on the others, so it is for files that will run on such CPUs.
   Optionally (opset 21, ``weight_format="int4"``) weights of at most 4 bits are stored as
   UINT4 instead.
 * **Activations** (per-tensor uniform, 2..8 bits): ``QuantizeLinear`` to uint8 (int8 for a
@@ -59,7 +62,7 @@ from ..quant.packing import dequantize_codes
 from ..quant.quantizers import ActQuantizer, Log2Quantizer, Quantizer, WeightQuantizer
 
 LOG2_MODES = ("emulate", "uint8", "float")
-WEIGHT_FORMATS = ("int8", "int4")
+WEIGHT_FORMATS = ("int8", "int8-vnni", "int4")
 
 
 def _const(g, value, dtype):
@@ -164,10 +167,12 @@ class ExportPlan:
 SIGNED_CONTAINER_MAX_BITS = 7   # int8 codes of magnitude <= 64 never saturate the AVX2 u8·s8 kernel
 
 
-def weight_container(bits: int, symmetric: bool) -> tuple[torch.dtype, int]:
+def weight_container(bits: int, symmetric: bool,
+                     signed_max_bits: int = SIGNED_CONTAINER_MAX_BITS) -> tuple[torch.dtype, int]:
     """(container dtype, what to add to a weight grid's codes and zero point) for ``bits``-bit
-    codes: int8 centred on zero up to 7 bits, uint8 for 8 bits (see the module docstring)."""
-    if bits <= SIGNED_CONTAINER_MAX_BITS:
+    codes: int8 centred on zero up to ``signed_max_bits`` (7, or 8 for ``int8-vnni``), else uint8
+    (see the module docstring)."""
+    if bits <= signed_max_bits:
         return torch.int8, 0 if symmetric else -(2 ** (bits - 1))
     return torch.uint8, 2 ** (bits - 1) if symmetric else 0
 
@@ -195,7 +200,8 @@ def _identity(x):
     return x
 
 
-def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _weight_codes_buffers(mod: nn.Module, transpose: bool,
+                          signed_max_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(codes in their 8-bit container, scale, zero point, axis) of ``mod.weight``, checked to
     dequantize bit for bit to the simulated weight; with ``transpose`` for a 2-D weight used
     as ``x @ W^T`` (codes [in, out], axis 1)."""
@@ -205,7 +211,7 @@ def _weight_codes_buffers(mod: nn.Module, transpose: bool) -> tuple[torch.Tensor
     expected = wq(weight)
     if not torch.equal(dequantize_codes(codes, wq.scale, wq.zero_point), expected):
         raise UserError("internal: weight codes do not dequantize to the simulated weight; please report")
-    dtype, offset = weight_container(wq.bits, wq.symmetric)
+    dtype, offset = weight_container(wq.bits, wq.symmetric, signed_max_bits)
     codes = codes + offset
     scale = wq.scale.detach().float().clone()
     zp = (wq.zero_point.detach().round() + offset).to(dtype)
@@ -294,9 +300,10 @@ def check_exportable(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: bool = True,
-                torch_rounding: bool = False):
+                torch_rounding: bool = False, signed_max_bits: int = SIGNED_CONTAINER_MAX_BITS):
     """Swap every quantizer (and quantized Linear / Conv forward) of ``model`` for its
-    export-friendly form; yields an :class:`ExportPlan`. Everything is restored on exit."""
+    export-friendly form; yields an :class:`ExportPlan`. Everything is restored on exit.
+    ``signed_max_bits``: the widest weight codes put in an int8 container (see :func:`weight_container`)."""
     if log2_mode not in LOG2_MODES:
         raise UserError(f"unknown log2 softmax export mode {log2_mode!r}; choose from {', '.join(LOG2_MODES)}")
     check_exportable(model)
@@ -345,7 +352,7 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                 plan.float_layers.append(name)
             if isinstance(mod, QConv2d) and patch_as_matmul and _is_patchify(mod) and mod.padding_mode == "zeros":
                 if quantized:
-                    codes, scale, zp, _ = _weight_codes_buffers(mod, transpose=False)
+                    codes, scale, zp, _ = _weight_codes_buffers(mod, transpose=False, signed_max_bits=signed_max_bits)
                     codes = codes.reshape(codes.shape[0], -1).t().contiguous()
                     add_buffer(mod, "_export_codes", codes)
                     add_buffer(mod, "_export_scale", scale)
@@ -354,7 +361,8 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                 swap(mod, _patch_matmul_forward(mod, quantized))
                 plan.patch_as_matmul.append(name)
             elif quantized:
-                codes, scale, zp, _ = _weight_codes_buffers(mod, transpose=isinstance(mod, QLinear))
+                codes, scale, zp, _ = _weight_codes_buffers(mod, transpose=isinstance(mod, QLinear),
+                                                             signed_max_bits=signed_max_bits)
                 add_buffer(mod, "_export_codes", codes)
                 add_buffer(mod, "_export_scale", scale)
                 add_buffer(mod, "_export_zp", zp)
