@@ -126,9 +126,12 @@ def config_digest(config) -> str:
 def cached_images(model, data_config, model_tag, method: Method, qconfig, seed, size,
                   synth_opts: dict, data: str = FASHION_MNIST) -> tuple[torch.Tensor, float]:
     """(images, seconds it took to make them); synthesized sets are cached on disk, keyed by
-    ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images) and
-    a digest of the whole synthesis config (so a changed default never reuses old images)."""
-    tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-" if method.mined else ""
+    ``model_tag`` (name and checkpoint hash, so a retrained model never reuses old images), a
+    digest of the whole synthesis config (so a changed default never reuses old images) and,
+    for mined images, of the preset's scheme."""
+    # Mined images depend on the preset's numerics, not only its name.
+    scheme = hashlib.sha256(json.dumps(dataclasses.asdict(qconfig.scheme), sort_keys=True).encode()).hexdigest()[:6]
+    tag = f"w{qconfig.w_bits}a{qconfig.a_bits}-{qconfig.preset}-{scheme}-" if method.mined else ""
     synth_opts = {**synth_opts, **dict(method.synth_opts)}
     synthesized = method.calib in SYNTHESIZED
     calib = CalibSpec(method.calib, size, seed, options={**synth_opts, "progress": False} if synthesized

@@ -8,9 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from dfqvit.quant import QLinear, QuantConfig, quantization_disabled, quantize, quantizers
+from dfqvit.quant import PRESETS, QLinear, QuantConfig, quantization_disabled, quantize, quantizers
 from dfqvit.quant import primitives as P
+from dfqvit.quant.calibrate import FOLD_MIN_GAIN, _fold_if_it_pays, calibrate_weights
 from dfqvit.quant.compensate import compensate_linear, gptq, ridge_towards
+from dfqvit.quant.reparam import fold_into_linear
 from dfqvit.quant.modules import LayerBits
 from dfqvit.quant.quantizers import ActQuantizer, WeightQuantizer
 
@@ -93,23 +95,93 @@ def test_sequential_order_sees_the_quantized_stream(tiny_model, tiny_images):
     reaching it (the final model's, with repq-comp), not on the float stream."""
     images = tiny_images(8, seed=1)
     qmodel, _ = quantize(tiny_model("deit"), QuantConfig(w_bits=3, a_bits=3, preset="repq-comp"), images)
-    fc2 = qmodel.blocks[1].mlp.fc2
+    av = qmodel.blocks[1].attn.matmul_av
     seen = {}
-    handle = fc2.register_forward_pre_hook(lambda _, args: seen.__setitem__("x", args[0]))
+    handle = av.register_forward_pre_hook(lambda _, args: seen.__setitem__("v", args[1]))
     with torch.no_grad():
         qmodel(images)
-        quantized_stream = seen["x"]
+        quantized_stream = seen["v"]
         with quantization_disabled(qmodel):
             qmodel(images)
-        float_stream = seen["x"]
+        float_stream = seen["v"]
     handle.remove()
-    q = fc2.input_quant
+    q = av.b_quant
 
     def scale_of(x):
         lo, hi = q.search_range(x.flatten())
         return P.scale_zero_point(lo.reshape(1), hi.reshape(1), q.bits, q.symmetric)[0]
     torch.testing.assert_close(q.scale, scale_of(quantized_stream), rtol=1e-6, atol=0)
     assert not torch.allclose(q.scale, scale_of(float_stream), rtol=1e-3)
+
+
+@pytest.mark.parametrize("layer", ["mlp.fc2", "attn.proj"])
+def test_input_fold_is_per_channel_quantization_at_a_per_tensor_quantizer(tiny_model, tiny_images, layer):
+    """At W4A4 repq-comp folds the per-channel ranges of the Linear inputs that no LayerNorm
+    feeds into ``input_fold`` and the weights: the per-tensor quantizer after the fold computes
+    exactly the per-channel quantization of the input (undone by the fold's map)."""
+    images = tiny_images(8, seed=1)
+    qmodel, _ = quantize(tiny_model("deit"), QuantConfig(w_bits=4, a_bits=4, preset="repq-comp"), images)
+    lin = qmodel.get_submodule(f"blocks.1.{layer}")
+    assert lin.input_fold.active and lin.input_quant.scale.numel() == 1 and not lin.input_quant.channel_wise
+    x = torch.randn(2, 5, lin.in_features, generator=_gen(0)) * 0.5
+    fold = lin.input_fold
+    qmin, qmax = P.qrange(4, False)
+    s = lin.input_quant.scale * fold.divisor
+    z = lin.input_quant.zero_point + torch.round(fold.shift / s)
+    expected = P.fake_quant(x, s, z, qmin, qmax, axis=2)
+    got = lin.input_quant(fold(x)) * fold.divisor - fold.shift
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert qmodel.blocks[1].attn.qkv.input_fold.active is False   # LayerNorm-fed: folded into the norm
+
+
+def test_fold_into_linear_keeps_the_float_function():
+    lin = QLinear.from_float(torch.nn.Linear(16, 8), LayerBits(4, 4), PRESETS["repq-comp"])
+    x = torch.randn(64, 16, generator=_gen(3)) * torch.logspace(-1, 1, 16)
+    lin.input_quant.channel_wise = True
+    lin.input_quant.calibrate_on(x)
+    with torch.no_grad():
+        before = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        fold_into_linear(lin, lin.input_quant.scale, lin.input_quant.zero_point)
+        after = torch.nn.functional.linear(lin.input_fold(x), lin.weight, lin.bias)
+    assert lin.input_fold.active and lin.input_quant.scale.numel() == 1
+    assert lin.input_fold.divisor.max() / lin.input_fold.divisor.min() > 10
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 4), (3, 8)])
+def test_fold_is_kept_only_where_it_pays(w_bits, a_bits):
+    """The fold removes activation error but scales the weight's columns by the channel ranges;
+    the layer keeps it only if the compensated output comes FOLD_MIN_GAIN closer to the target
+    than with a per-tensor range. With one 30x input channel at W8A4, folding wins."""
+    scheme = PRESETS["repq-comp"]
+    x = torch.randn(512, 16, generator=_gen(4))
+    x[:, 3] *= 30
+    dense = torch.nn.Linear(16, 8)
+    target = dense(x).detach()
+
+    def fresh():
+        return QLinear.from_float(dense, LayerBits(w_bits, a_bits), scheme)
+
+    @torch.no_grad()
+    def output_error(lin):
+        out = torch.nn.functional.linear(lin.input_quant(lin.input_fold(x)), lin.weight_quant(lin.weight), lin.bias)
+        return float((out - target).pow(2).mean())
+
+    chosen, plain, folded = fresh(), fresh(), fresh()
+    calibrate_weights(chosen)
+    kept_fold = _fold_if_it_pays(chosen, x, target, scheme)
+    plain.input_quant.calibrate_on(x)
+    compensate_linear(plain, plain.input_quant(x), target, scheme.ridge, True)
+    folded.input_quant.channel_wise = True
+    folded.input_quant.calibrate_on(x)
+    fold_into_linear(folded, folded.input_quant.scale, folded.input_quant.zero_point)
+    compensate_linear(folded, folded.input_quant(folded.input_fold(x)), target, scheme.ridge, True)
+    errors = {True: output_error(folded), False: output_error(plain)}
+    assert kept_fold == (errors[True] < (1 - FOLD_MIN_GAIN) * errors[False])
+    assert chosen.input_fold.active == kept_fold
+    assert output_error(chosen) == pytest.approx(errors[kept_fold], rel=1e-6)
+    if (w_bits, a_bits) == (8, 4):
+        assert kept_fold and errors[True] < 0.5 * errors[False]
 
 
 def test_scheme_rejects_unknown_order_and_rounding():

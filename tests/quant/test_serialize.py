@@ -130,3 +130,25 @@ def test_version1_configs_load_or_refuse():
     assert QuantConfig.from_dict({**old, "preset": "repq"}).preset == "repq"
     with pytest.raises(UserError, match="quantize the FP32 model again"):
         QuantConfig.from_dict({**old, "preset": "repq-vit"})
+
+
+def test_input_folds_survive_reload_and_files_without_them_load(quantized, tmp_path, tiny_images):
+    """repq-comp's input folds (shift, divisor, and the flag that turns them on) come back from
+    the file; a file written before input folds existed (no such keys) loads with identity folds."""
+    from safetensors.torch import load_file, save_file
+
+    from dfqvit.quant.modules import InputFold
+    x = tiny_images(4, seed=2)
+    spec, config, qmodel = quantized["deit-comp"]
+    active = [n for n, m in qmodel.named_modules() if isinstance(m, InputFold) and m.active]
+    assert active, "the default preset folded no input of the tiny DeiT at W4A4"
+    reloaded, _ = load_quantized(save_quantized(qmodel, spec, config, tmp_path / "comp"))
+    assert [n for n, m in reloaded.named_modules() if isinstance(m, InputFold) and m.active] == active
+    spec, config, qmodel = quantized["deit-minmax"]
+    out = save_quantized(qmodel, spec, config, tmp_path / "old")
+    state = load_file(out / WEIGHTS_FILE)
+    save_file({k: v for k, v in state.items() if ".input_fold." not in k}, out / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    reloaded, _ = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), qmodel(x))

@@ -20,6 +20,9 @@ Exactness (what the exported graph computes vs the PyTorch simulation):
   wrong by whole steps on the others, so it is for files that will run on such CPUs.
   Optionally (opset 21, ``weight_format="int4"``) weights of at most 4 bits are stored as
   UINT4 instead.
+* **Input folds** (:class:`~dfqvit.quant.modules.InputFold`, preset ``repq-comp``): the
+  channel map in front of a Linear's input quantizer is exported as the same float ``Add`` and
+  ``Div`` that the simulation computes, so the quantizer after it stays per tensor.
 * **Activations** (per-tensor uniform, 2..8 bits): ``QuantizeLinear`` to uint8 (int8 for a
   signed grid) with our scale and zero point; below the container's full range the integer
   code is clamped by ``Clip`` on the quantized (integer) tensor before ``DequantizeLinear`` —
@@ -232,7 +235,7 @@ def _is_patchify(conv: nn.Conv2d) -> bool:
 
 def _linear_forward(mod: QLinear):
     def forward(x):
-        x = mod.input_quant(x)
+        x = mod.input_quant(mod.input_fold(x))   # the fold (if set) is one Add and one Div
         w_t = DequantizeWeight.apply(mod._export_codes, mod._export_scale, mod._export_zp, 1)
         if x.ndim == 2:
             # [B, C] @ W^T + b would become a float Gemm in ONNX Runtime (its MatMul+Add → Gemm

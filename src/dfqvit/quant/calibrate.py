@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -13,7 +15,12 @@ from .config import QuantConfig
 from .convert import quantizers
 from .modules import QLinear
 from .quantizers import ActQuantizer, WeightQuantizer
-from .reparam import fold_channel_ranges, fold_pair, layernorm_consumers, reparameterize
+from .reparam import classifiers, fold_channel_ranges, fold_into_linear, fold_pair, layernorm_consumers, reparameterize
+
+
+# A smaller gain is within the calibration set's noise: folding on any gain cost KL at W4A8 and
+# W6A6 on the zoo (docs/RESULTS.md), folding on >= 10 % did not.
+FOLD_MIN_GAIN = 0.1
 
 
 def activation_quantizers(model: nn.Module) -> list[ActQuantizer]:
@@ -92,26 +99,62 @@ def linear_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
 
 def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, done: list, bar):
     """Forward pre-hook for one QLinear in the calibration pass: on its first call, fold its
-    LayerNorm (from the per-channel range of this very input), set its input range, then
-    compensate its weights (:func:`compensate_linear`) against the FP output ``targets[name]``."""
+    LayerNorm (from the per-channel range of this very input) or, with ``scheme.fold_inputs``,
+    fold that range into its own input map; else set its input range. Then compensate its
+    weights (:func:`compensate_linear`) against the FP output ``targets[name]``."""
     def hook(lin: QLinear, args):
-        if lin.input_quant.calibrated or P.is_float(lin.input_quant.bits) and P.is_float(lin.weight_quant.bits):
+        q = lin.input_quant
+        if q.calibrated or P.is_float(q.bits) and P.is_float(lin.weight_quant.bits):
             return None
         (x, *rest) = args
         if fold is not None:
             pair_name, norm = fold
-            q = lin.input_quant
             q.channel_wise = True
             q.calibrate_on(x)                     # per-channel ranges of this very input
             offset, r1 = fold_pair(norm, [lin], q.scale, q.zero_point, round_zero_point=True)
             x = ((x + offset) / r1).to(x.dtype)
             done.append(pair_name)
-        elif not P.is_float(lin.input_quant.bits):
-            lin.input_quant.calibrate_on(x)
-        compensate_linear(lin, lin.input_quant(x), targets.pop(name), scheme.ridge, scheme.weight_rounding == "gptq")
+        elif not P.is_float(q.bits) and scheme.fold_inputs:
+            if _fold_if_it_pays(lin, x, targets.pop(name), scheme):
+                done.append(name)
+            bar.update()
+            return None
+        elif not P.is_float(q.bits):
+            q.calibrate_on(x)
+        _compensate(lin, x, targets.pop(name), scheme)
         bar.update()
         return (x, *rest)
     return hook
+
+
+@torch.no_grad()
+def _compensate(lin: QLinear, x: torch.Tensor, target: torch.Tensor, scheme) -> float:
+    """:func:`compensate_linear` on ``lin``'s quantized input; returns the mean squared error
+    of the compensated layer's output against ``target``."""
+    x_quantized = lin.input_quant(lin.input_fold(x))
+    compensate_linear(lin, x_quantized, target, scheme.ridge, scheme.weight_rounding == "gptq")
+    out = torch.nn.functional.linear(x_quantized, lin.weight_quant(lin.weight), lin.bias)
+    return float((out - target.to(out.device)).pow(2).mean())
+
+
+@torch.no_grad()
+def _fold_if_it_pays(lin: QLinear, x: torch.Tensor, target: torch.Tensor, scheme) -> bool:
+    """Calibrate and compensate ``lin`` twice, with its input's per-channel ranges folded
+    (:func:`fold_into_linear`) and with one per-tensor range; keep the fold only if it cuts
+    the compensated output's error against ``target`` by ``FOLD_MIN_GAIN``. The fold removes
+    activation error but scales the weight's columns by the channel ranges, which can cost more
+    than it saves (on the zoo it pays at A4, mostly in the first blocks, and loses at W3A8).
+    Returns whether it folded."""
+    folded = copy.deepcopy(lin)
+    folded.input_quant.channel_wise = True
+    folded.input_quant.calibrate_on(x)
+    fold_into_linear(folded, folded.input_quant.scale, folded.input_quant.zero_point)
+    error_folded = _compensate(folded, x, target, scheme)
+    lin.input_quant.calibrate_on(x)
+    if error_folded >= (1 - FOLD_MIN_GAIN) * _compensate(lin, x, target, scheme):
+        return False
+    lin.load_state_dict(folded.state_dict())
+    return True
 
 
 @torch.no_grad()
@@ -143,9 +186,13 @@ def calibrate_sequential(model: nn.Module, config: QuantConfig, images: torch.Te
 
     targets = linear_outputs(model, images)
     folds = {id(consumers[0]): (name, norm) for name, norm, consumers in pairs if len(consumers) == 1}
+    # The classifier sees one pooled token per image: too few rows to choose or fit a fold on.
+    heads = {id(head) for head in classifiers(model)}
+    fold_scheme = dataclasses.replace(scheme, fold_inputs=False)
     done: list[str] = []
     with tqdm(total=len(targets), desc="calibrate + compensate", disable=not progress, leave=False) as bar:
-        handles = [m.register_forward_pre_hook(_compensating_hook(n, scheme, targets, folds.get(id(m)), done, bar))
+        handles = [m.register_forward_pre_hook(_compensating_hook(n, fold_scheme if id(m) in heads else scheme,
+                                                                  targets, folds.get(id(m)), done, bar))
                    for n, m in model.named_modules() if isinstance(m, QLinear)]
         try:
             with calibrating_on_call(model):

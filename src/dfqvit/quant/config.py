@@ -38,6 +38,10 @@ class QuantScheme:
     compensate: bool = False
     ridge: float = 10.0             # λ relative to mean(diag(x̂ᵀx̂)); measured 0.01..1000 on the zoo (docs/RESULTS.md)
     weight_rounding: str = "gptq"   # gptq | nearest
+    # Per-channel ranges for every Linear input that no LayerNorm feeds (post-GELU, attention
+    # output), made exact per-tensor ones by a channel map folded into the Linear (ours, see
+    # dfqvit.quant.modules.InputFold; order "sequential" only).
+    fold_inputs: bool = False
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -46,6 +50,8 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.weight_rounding must be one of {WEIGHT_ROUNDINGS}, not {self.weight_rounding!r}")
         if self.compensate and self.order != "sequential":
             raise ValueError("QuantScheme.compensate needs order='sequential'")
+        if self.fold_inputs and not self.compensate:
+            raise ValueError("QuantScheme.fold_inputs needs compensate=True")
 
 
 PRESETS = {
@@ -54,10 +60,12 @@ PRESETS = {
     # without the zero-point shift (ours: far less sensitive to synthetic calibration images).
     "repq": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True,
                         reparam_strength=0.5, reparam_shift=False),
-    # Ours: RepQ-ViT's quantizers and order, with exact b-bit folded LayerNorm inputs, and every
-    # Linear compensated in closed form (ERQ-style ridge update towards the FP output + GPTQ).
+    # Ours: RepQ-ViT's quantizers and order, with exact b-bit folded LayerNorm inputs, the other
+    # Linear inputs folded likewise through a channel map, and every Linear compensated in
+    # closed form (ERQ-style ridge update towards the FP output + GPTQ).
     "repq-comp": QuantScheme(w_method="percentile", w_symmetric=False, a_method="percentile", log2_softmax=True,
-                             reparam=True, order="sequential", reparam_head=False, compensate=True),
+                             reparam=True, order="sequential", reparam_head=False, compensate=True,
+                             fold_inputs=True),
     # RepQ-ViT as published (paper + zkkli/RepQ-ViT): asymmetric per-channel weights and
     # per-tensor activations, each range the best of three percentile pairs by L2 error,
     # log-√2 post-softmax quantizer (delta likewise), calibrated in order on the quantized

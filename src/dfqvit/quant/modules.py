@@ -43,6 +43,40 @@ class QuantModuleMixin:
     kind: str = "module"
 
 
+class InputFold(nn.Module):
+    """The per-channel map ``x' = (x + shift) / divisor`` in front of a Linear's input quantizer,
+    for an input that no LayerNorm feeds (post-GELU, attention output): RepQ-ViT's LayerNorm
+    reparameterization with the map kept as an op instead of folded into the norm (ours, see
+    :func:`dfqvit.quant.reparam.fold_into_linear`). The Linear's weight and bias absorb its
+    inverse, so the per-tensor quantizer of ``x'`` is a per-channel quantizer of ``x`` while the
+    integer matmul stays per tensor. Identity (and skipped) until set."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(channels))
+        self.register_buffer("divisor", torch.ones(channels))
+        self.active = False
+
+    def set(self, shift: torch.Tensor, divisor: torch.Tensor) -> None:
+        self.shift.copy_(shift)
+        self.divisor.copy_(divisor)
+        self._sync_active()
+
+    def _sync_active(self) -> None:
+        # A Python flag, so that the forward never has to inspect the tensors (no device sync).
+        self.active = bool((self.shift != 0).any() or (self.divisor != 1).any())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_active()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.shift) / self.divisor if self.active else x
+
+    def extra_repr(self) -> str:
+        return f"channels={self.shift.numel()}, active={self.active}"
+
+
 @register(nn.Linear)
 class QLinear(QuantModuleMixin, nn.Linear):
     kind = "linear"
@@ -54,13 +88,14 @@ class QLinear(QuantModuleMixin, nn.Linear):
         with torch.no_grad():
             q.weight.copy_(mod.weight)
             q.bias.copy_(mod.bias if mod.bias is not None else torch.zeros_like(q.bias))
+        q.input_fold = InputFold(mod.in_features).to(mod.weight.device)
         q.input_quant = ActQuantizer(bits.a_bits, method=scheme.a_method)
         q.weight_quant = WeightQuantizer(bits.w_bits, mod.out_features, symmetric=scheme.w_symmetric,
                                          method=scheme.w_method)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+        return F.linear(self.input_quant(self.input_fold(x)), self.weight_quant(self.weight), self.bias)
 
 
 @register(nn.Conv2d)

@@ -43,8 +43,7 @@ def layernorm_consumers(model: nn.Module, include_head: bool = True) -> list[tup
         return pairs
     # The final norm feeds the classifier through token selection or average pooling, both
     # of which commute with a per-channel affine map.
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled DeiT: (head, head_dist)
+    heads = classifiers(model)
     final_norm = getattr(model, "fc_norm", None)
     if not isinstance(final_norm, nn.LayerNorm):
         final_norm = getattr(model, "norm", None)
@@ -54,6 +53,12 @@ def layernorm_consumers(model: nn.Module, include_head: bool = True) -> list[tup
         name = "fc_norm" if final_norm is getattr(model, "fc_norm", None) else "norm"
         pairs.append((name, final_norm, heads))
     return pairs
+
+
+def classifiers(model: nn.Module) -> list[nn.Module]:
+    """The classifier layer(s) of a timm model (distilled DeiT: head and head_dist)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return list(head) if isinstance(head, (tuple, list)) else [head]
 
 
 @torch.no_grad()
@@ -106,6 +111,27 @@ def reparameterize(model: nn.Module, batches, strength: float = 1.0, shift: bool
     return done
 
 
+def _fold_terms(scale: torch.Tensor, zero_point: torch.Tensor,
+                round_zero_point: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offset, r1, per-tensor scale, per-tensor zero point) of RepQ-ViT's reparameterization
+    for the per-channel input range (``scale`` s_c, ``zero_point`` z_c); float64."""
+    s, z = scale.double(), zero_point.double()
+    r1 = s / s.mean()
+    z_common = torch.round(z.mean()) if round_zero_point else z.mean()
+    return s * (z - z_common), r1, s.mean(), z_common
+
+
+@torch.no_grad()
+def _absorb_into_consumer(lin: QLinear, offset: torch.Tensor, r1: torch.Tensor, scale: torch.Tensor,
+                          zero_point: torch.Tensor) -> None:
+    """``lin`` computes the same function of ``x' = (x + offset) / r1`` as before of ``x``
+    (``W' = W·r1`` per column, ``b' = b − W·offset``); its input quantizer becomes per-tensor."""
+    lin.bias.sub_(lin.weight.double().matmul(offset).to(lin.bias.dtype))
+    lin.weight.mul_(r1[None, :].to(lin.weight.dtype))
+    lin.input_quant.channel_wise = False
+    lin.input_quant.set_scale_zero_point(scale, zero_point)
+
+
 @torch.no_grad()
 def fold_pair(norm: nn.LayerNorm, consumers: list[QLinear], scale: torch.Tensor, zero_point: torch.Tensor,
               round_zero_point: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,18 +144,25 @@ def fold_pair(norm: nn.LayerNorm, consumers: list[QLinear], scale: torch.Tensor,
     folded input then fall half-way between grid points (up to ``2^b + 1`` levels; not an
     exact b-bit integer quantizer). ``z̄ = round(mean(z))`` makes the per-tensor quantizer
     compute exactly the per-channel quantization it replaces. Returns (offset, r1)."""
-    s, z = scale.double(), zero_point.double()
-    r1 = s / s.mean()
-    z_common = torch.round(z.mean()) if round_zero_point else z.mean()
-    offset = s * (z - z_common)
+    offset, r1, s_mean, z_common = _fold_terms(scale, zero_point, round_zero_point)
     norm.bias.copy_(((norm.bias.double() + offset) / r1).to(norm.bias.dtype))
     norm.weight.copy_((norm.weight.double() / r1).to(norm.weight.dtype))
     for lin in consumers:
-        lin.bias.sub_(lin.weight.double().matmul(offset).to(lin.bias.dtype))
-        lin.weight.mul_(r1[None, :].to(lin.weight.dtype))
-        lin.input_quant.channel_wise = False
-        lin.input_quant.set_scale_zero_point(s.mean(), z_common)
+        _absorb_into_consumer(lin, offset, r1, s_mean, z_common)
     return offset.float(), r1.float()
+
+
+@torch.no_grad()
+def fold_into_linear(lin: QLinear, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """The same reparameterization for a Linear that no LayerNorm feeds (ours): the map
+    ``x' = (x + offset) / r1`` becomes ``lin.input_fold`` (:class:`~dfqvit.quant.modules.InputFold`),
+    with the rounded zero point, so the per-tensor quantizer of ``x'`` computes exactly the
+    per-channel quantization of ``x`` at ``lin``'s bit-width. Channels whose scale is below
+    1e-5 of the widest keep that floor (a near-constant channel must not blow up ``1 / r1``)."""
+    scale = scale.clamp_min(1e-5 * float(scale.max()))
+    offset, r1, s_mean, z_common = _fold_terms(scale, zero_point, round_zero_point=True)
+    lin.input_fold.set(offset.to(lin.input_fold.shift.dtype), r1.to(lin.input_fold.divisor.dtype))
+    _absorb_into_consumer(lin, offset, r1, s_mean, z_common)
 
 
 @torch.no_grad()

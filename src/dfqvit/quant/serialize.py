@@ -32,6 +32,7 @@ from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
 from .convert import quantize_model
 from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes
+from .modules import InputFold
 from .quantizers import Quantizer
 
 FORMAT_VERSION = 2
@@ -99,7 +100,7 @@ def fp32_safetensors_bytes(model: torch.nn.Module) -> int:
     (``dfqvit.acm``, which the FP32 model does not have), under the FP32 model's key names."""
     drop, renames = set(), []
     for name, mod in model.named_modules():
-        if isinstance(mod, (Quantizer, ActivationCorrection)):
+        if isinstance(mod, (Quantizer, InputFold, ActivationCorrection)):
             drop.update(_prefix(name) + k for k in mod.state_dict())
         elif isinstance(mod, Corrected):
             renames.append((_prefix(name) + "module.", _prefix(name)))
@@ -240,8 +241,20 @@ def load_quantized(path) -> tuple[torch.nn.Module, dict]:
     _check_code_bits(model, table, Path(path) / CONFIG_FILE)
     if table:
         state = unpack_state_dict(state, table, model.state_dict())
+    state = _with_identity_input_folds(model, state)
     load_checkpoint_strict(model, state, str(weights))
     return model.eval(), meta
+
+
+def _with_identity_input_folds(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Models saved before input folds existed have none in their file: theirs are
+    the identity, which the freshly built model's buffers are."""
+    fold_keys = {_prefix(name) + k for name, mod in model.named_modules() if isinstance(mod, InputFold)
+                 for k in mod.state_dict()}
+    if not fold_keys or fold_keys & set(state):
+        return state
+    own = model.state_dict()
+    return {**state, **{k: own[k] for k in fold_keys}}
 
 
 def _check_code_bits(model: torch.nn.Module, table: dict, source: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import primitives as P
+from .modules import InputFold
 from .quantizers import Quantizer, WeightQuantizer
 
 FLOAT_BYTES = 4
@@ -26,4 +27,6 @@ def weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():  # activation quantizers: one scale + zero point each
         if isinstance(mod, Quantizer) and not isinstance(mod, WeightQuantizer) and not P.is_float(mod.bits):
             total_bits += 2 * FLOAT_BYTES * 8
+        elif isinstance(mod, InputFold) and mod.active:  # a shift and a divisor per channel
+            total_bits += 2 * mod.shift.numel() * FLOAT_BYTES * 8
     return (total_bits + 7) // 8
