@@ -62,14 +62,15 @@ def test_repq_vit_reproduces_repq_vit_code(protocol, setting):
     assert abs(result.kl - kl) <= 0.15 * kl, (result.kl, kl)
 
 
-# The default preset (repq-comp) on the same protocol, measured at the commit that made it the
-# default: (top-1 %, KL). It must stay below RepQ-ViT's code and near these figures. They move
-# with the CPU's float kernels: DeiT W4A4 is 0.0183 on the AVX2 EPYC it was measured on and
-# 0.0203 on an AVX-512 EPYC (0.0194 there with ATen, MKL and oneDNN held to AVX2), so the bar
-# against RepQ-ViT's code is 0.9x, which `repq` (0.0911) and `repq-vit` (0.0227) both fail.
+# The default preset (repq-comp) on the same protocol, measured at the commit that added the
+# input folds (bce53c0) on an AVX-512 EPYC: (top-1 %, KL). It must stay below RepQ-ViT's code and
+# near these figures. They move with the CPU's float kernels (near-tie decisions in the
+# sequential calibration): before the folds DeiT W4A4 was 0.0183 on an AVX2 EPYC and 0.0203 on
+# this one. 1.15x still fails that 0.0203 (a regression that loses the folds, on this CPU), and
+# 0.8x RepQ-ViT's code fails `repq-vit` (0.0227) and the old `repq` (0.0911).
 REPQ_COMP = {
-    ("deit-fmnist", "W4A4"): (91.64, 0.0183), ("deit-fmnist", "W3A8"): (92.06, 0.0036),
-    ("swin-fmnist", "W4A4"): (91.84, 0.0116), ("swin-fmnist", "W3A8"): (92.42, 0.0032),
+    ("deit-fmnist", "W4A4"): (91.68, 0.0170), ("deit-fmnist", "W3A8"): (92.08, 0.0037),
+    ("swin-fmnist", "W4A4"): (92.16, 0.0103), ("swin-fmnist", "W3A8"): (92.34, 0.0031),
 }
 REPQ_VIT_CODE.update({("deit-fmnist", "W3A8"): (91.40, 0.0138), ("swin-fmnist", "W3A8"): (90.24, 0.0600)})
 
@@ -78,6 +79,6 @@ REPQ_VIT_CODE.update({("deit-fmnist", "W3A8"): (91.40, 0.0138), ("swin-fmnist", 
 def test_default_preset_beats_repq_vit(protocol, setting):
     key = (protocol[0], setting)
     result = _measure(protocol, "repq-comp", setting)
-    assert result.kl <= 1.2 * REPQ_COMP[key][1], (result.kl, REPQ_COMP[key])
-    assert result.kl <= 0.9 * REPQ_VIT_CODE[key][1], (result.kl, REPQ_VIT_CODE[key])
+    assert result.kl <= 1.15 * REPQ_COMP[key][1], (result.kl, REPQ_COMP[key])
+    assert result.kl <= 0.8 * REPQ_VIT_CODE[key][1], (result.kl, REPQ_VIT_CODE[key])
     assert result.top1 >= REPQ_COMP[key][0] - 0.4, (result.top1, REPQ_COMP[key])
