@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 
 import torch
 from torch import nn
@@ -97,10 +96,10 @@ def linear_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
     return outputs
 
 
-def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, done: list, bar):
+def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, fold_input: bool, done: list, bar):
     """Forward pre-hook for one QLinear in the calibration pass: on its first call, fold its
-    LayerNorm (from the per-channel range of this very input) or, with ``scheme.fold_inputs``,
-    fold that range into its own input map; else set its input range. Then compensate its
+    LayerNorm (from the per-channel range of this very input) or, with ``fold_input``, fold
+    that range into its own input map where it pays; else set its input range. Then compensate its
     weights (:func:`compensate_linear`) against the FP output ``targets[name]``."""
     def hook(lin: QLinear, args):
         q = lin.input_quant
@@ -114,7 +113,7 @@ def _compensating_hook(name: str, scheme, targets: dict, fold: tuple | None, don
             offset, r1 = fold_pair(norm, [lin], q.scale, q.zero_point, round_zero_point=True)
             x = ((x + offset) / r1).to(x.dtype)
             done.append(pair_name)
-        elif not P.is_float(q.bits) and scheme.fold_inputs:
+        elif not P.is_float(q.bits) and fold_input:
             if _fold_if_it_pays(lin, x, targets.pop(name), scheme):
                 done.append(name)
             bar.update()
@@ -188,11 +187,10 @@ def calibrate_sequential(model: nn.Module, config: QuantConfig, images: torch.Te
     folds = {id(consumers[0]): (name, norm) for name, norm, consumers in pairs if len(consumers) == 1}
     # The classifier sees one pooled token per image: too few rows to choose or fit a fold on.
     heads = {id(head) for head in classifiers(model)}
-    fold_scheme = dataclasses.replace(scheme, fold_inputs=False)
     done: list[str] = []
     with tqdm(total=len(targets), desc="calibrate + compensate", disable=not progress, leave=False) as bar:
-        handles = [m.register_forward_pre_hook(_compensating_hook(n, fold_scheme if id(m) in heads else scheme,
-                                                                  targets, folds.get(id(m)), done, bar))
+        handles = [m.register_forward_pre_hook(_compensating_hook(n, scheme, targets, folds.get(id(m)),
+                                                                  scheme.fold_inputs and id(m) not in heads, done, bar))
                    for n, m in model.named_modules() if isinstance(m, QLinear)]
         try:
             with calibrating_on_call(model):

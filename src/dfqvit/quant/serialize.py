@@ -31,8 +31,8 @@ from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
 from .convert import quantize_model
-from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes
 from .modules import InputFold
+from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes
 from .quantizers import Quantizer
 
 FORMAT_VERSION = 2
