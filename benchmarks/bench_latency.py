@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,23 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dfqvit.errors import UserError  # noqa: E402
-
-ISA_FLAGS = {"avx2": "AVX2", "avx_vnni": "AVX-VNNI", "avx512f": "AVX512F", "avx512_vnni": "AVX512-VNNI",
-             "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX-TILE", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
+from dfqvit.export.cpu import cpu_name, isa  # noqa: E402
 
 
 def cpu_info() -> dict:
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", "unknown CPU", platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": name, "isa": {label: flag in flags for flag, label in ISA_FLAGS.items()},
-            "logical_cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return {"cpu": cpu_name(), "isa": isa(), "logical_cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def median_ms(fn, warmup: int, runs: int) -> float:
