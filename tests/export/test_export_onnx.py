@@ -30,6 +30,7 @@ from dfqvit.export.cpu import has_int32_dot
 from dfqvit.export.qdq import Log2Function, QDQFunction
 from dfqvit.quant import QuantConfig, quantize, quantize_model
 from dfqvit.quant import primitives as P
+from dfqvit.quant.quantizers import ActQuantizer
 
 VIT_NAME = "vit_tiny_patch16_224"
 VIT_KWARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
@@ -449,11 +450,16 @@ def test_bench_latency_smoke(tmp_path):
 @pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (4, 4)])
 def test_default_preset_exports_exactly(tmp_path, calib, name, w_bits, a_bits):
     """repq-comp (the default): GPTQ-rounded weights and folded LayerNorm inputs with a rounded
-    zero point are an exact b-bit integer model; with torch's rounding the export matches."""
+    zero point are an exact b-bit integer model; with torch's rounding the export matches.
+    Below 8 bits q and k carry one range per token, and q·kᵀ still runs as an integer matmul."""
     qmodel = quantized(name, w_bits, a_bits, calib, preset="repq-comp")
+    per_token = [n for n, m in qmodel.named_modules() if isinstance(m, ActQuantizer) and m.scale.numel() > 1]
+    assert len(per_token) == (2 * n_attention(qmodel) if a_bits < 8 else 0)
     report = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, rounding="torch")
     assert_matches(compare(qmodel, tmp_path / "m.onnx"))
     assert not any("fractional zero point" in n for n in report.notes)
+    assert report.integer_ops.get("MatMulIntegerToFloat", 0) == n_linear_like(qmodel) + n_attention(qmodel), \
+        report.table()
 
 
 def test_repq_vit_fractional_zero_points_are_reported(tmp_path, calib):

@@ -223,3 +223,45 @@ def test_extra_repr_names_the_scheme():
     assert "bits=4" in repr(ActQuantizer(4)) and "per-tensor" in repr(ActQuantizer(4))
     assert "per-channel" in repr(WeightQuantizer(4, 3)) and "log-sqrt2" in repr(Log2Quantizer(4))
     assert P.is_float(ActQuantizer(32).bits)
+
+
+@pytest.mark.parametrize("token_axis", [2, 1])
+def test_token_ranges_are_each_tokens_own_per_tensor_range(token_axis):
+    """With ``token_axis`` every token position gets the range a per-tensor quantizer would
+    search on that token's values alone, and the scales run along that axis."""
+    x = _randn(2, 3, 6, 5, seed=3) * torch.linspace(0.2, 5, 6).reshape(6, 1)   # tokens of different sizes
+    if token_axis == 1:
+        x = x.transpose(-2, -1)                                                 # kᵀ: (..., d, N)
+    q = ActQuantizer(4, method="percentile", token_axis=token_axis)
+    q.calibrate_on(x)
+    assert q.scale.shape == (6,) and "per token" in repr(q)
+    out = q(x)
+    for n in range(6):
+        own = ActQuantizer(4, method="percentile")
+        token = x.select(x.ndim - token_axis, n)
+        own.calibrate_on(token)
+        assert torch.equal(out.select(x.ndim - token_axis, n), own(token))
+
+
+def test_token_ranges_factor_out_of_the_scores_matmul():
+    """q per token (rows) and kᵀ per token (columns): q̂·k̂ᵀ is an integer product rescaled by
+    the outer product of the two scale vectors, which is what makes it exportable."""
+    q_in, k_in = _randn(2, 7, 4, seed=4), _randn(2, 7, 4, seed=5).transpose(-2, -1)
+    qq, kq = ActQuantizer(4, token_axis=2), ActQuantizer(4, token_axis=1)
+    qq.calibrate_on(q_in)
+    kq.calibrate_on(k_in)
+    qmin, qmax = P.qrange(4, False)
+    q_codes = P.quantize_int(q_in, qq.scale.reshape(7, 1), qq.zero_point.reshape(7, 1), qmin, qmax)
+    k_codes = P.quantize_int(k_in, kq.scale, kq.zero_point, qmin, qmax)
+    integer = (q_codes - qq.zero_point.reshape(7, 1)).double() @ (k_codes - kq.zero_point).double()
+    expected = integer * qq.scale.double().reshape(7, 1) * kq.scale.double()
+    assert torch.allclose(qq(q_in).double() @ kq(k_in).double(), expected, atol=1e-5)
+
+
+def test_a_token_quantizer_loads_its_saved_ranges_into_a_fresh_one():
+    q = ActQuantizer(4, token_axis=2)
+    x = _randn(3, 9, 4, seed=6)
+    q.calibrate_on(x)
+    fresh = ActQuantizer(4, token_axis=2)          # built per-tensor, as load_quantized builds it
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.scale.shape == (9,) and torch.equal(fresh(x), q(x))

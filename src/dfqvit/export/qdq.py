@@ -31,6 +31,14 @@ Exactness (what the exported graph computes vs the PyTorch simulation):
   for a value within one float rounding of a tie (measured 1.5e-6 of the values: one step).
   ``torch_rounding=True`` emits ``QuantizeLinear(x · (1/s), scale 1)`` instead, which matches
   torch bit for bit (verified on 12M values) at the price of one Mul per quantizer.
+* **Per-token q and k** (preset ``repq-comp`` below 8 bits): one scale ``s_t`` and zero point
+  ``z_t`` per token of q (rows of q·kᵀ) and of kᵀ (columns). Each operand is exported as its
+  codes centred on their own zero point, ``clamp(round(x · (1/s_t)), qmin − z_t, qmax − z_t)``
+  (Mul, Max, Min), in a QuantizeLinear → DequantizeLinear pair of scale 1 and one zero point
+  for all tokens, so ORT keeps its integer matmul; the product is then rescaled by the constant
+  outer product ``s_q · s_kᵀ``. The codes are torch's bit for bit; only the float rescale
+  rounds differently (~1e-7 relative). ORT's per-axis DequantizeLinear cannot be used: its
+  fusion into ``MatMulIntegerToFloat`` rejects a per-row scale of the first operand.
 * **Whole network**: ORT's integer matmuls (exact int32 sums × ``s_a·s_w``) and float ops sum
   in another order than torch, so values before the next quantizer differ by ~1e-7
   relative and occasionally cross a rounding boundary: outputs agree to ~1e-7 for most
@@ -60,7 +68,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..quant import primitives as P
-from ..quant.modules import QUANT_MODULES, QConv2d, QLinear
+from ..quant.modules import QUANT_MODULES, QConv2d, QLinear, QMatMul
 from ..quant.packing import dequantize_codes
 from ..quant.quantizers import ActQuantizer, Log2Quantizer, Quantizer, WeightQuantizer
 
@@ -100,6 +108,35 @@ class QDQFunction(torch.autograd.Function):
         if (qmin, qmax) != full:
             q = g.op("Clip", q, _const(g, qmin, dtype), _const(g, qmax, dtype))
         return g.op("DequantizeLinear", q, s, z)
+
+
+class CentredCodesFunction(torch.autograd.Function):
+    """The codes of a per-token quantizer, each token centred on its own zero point, as float:
+    ``clamp(round(x · inv_scale_t), lo_t, hi_t)`` along ``axis`` (negative). Exported as Mul,
+    Max, Min and, where ``offset`` is given, a QuantizeLinear → DequantizeLinear pair of scale 1
+    and zero point ``offset`` (uint8: all codes + offset lie in [0, 255]) that ORT fuses into its
+    integer matmul; without it as Round (float)."""
+
+    # the per-token vectors come as tuples of Python numbers: tensor arguments would become graph inputs
+    @staticmethod
+    def forward(ctx, x, inv_scale: tuple, lo: tuple, hi: tuple, axis: int, offset: int | None):
+        shape = [-1] + [1] * (-axis - 1)
+        vec = lambda v: torch.tensor(v, dtype=torch.float32, device=x.device).reshape(shape)  # noqa: E731
+        return torch.minimum(torch.maximum((x.float() * vec(inv_scale)).round(), vec(lo)), vec(hi)).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, inv_scale, lo, hi, axis, offset):
+        shape = [-1] + [1] * (-axis - 1)
+        vec = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32).reshape(shape))  # noqa: E731
+        scaled = g.op("Mul", x, vec(inv_scale))
+        if offset is None:
+            scaled = g.op("Round", scaled)
+        # clamping before rounding gives the same codes: the bounds are integers
+        codes = g.op("Min", g.op("Max", scaled, vec(lo)), vec(hi))
+        if offset is None:
+            return codes
+        one, z = _const(g, 1.0, torch.float32), _const(g, offset, torch.uint8)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", codes, one, z), one, z)
 
 
 class Log2Function(torch.autograd.Function):
@@ -186,6 +223,40 @@ def _act_forward(q: ActQuantizer, torch_rounding: bool):
 
     def forward(x):
         return QDQFunction.apply(x, scale, zp, qmin, qmax, torch_rounding)
+    return forward
+
+
+def _is_per_token(q: nn.Module) -> bool:
+    return isinstance(q, ActQuantizer) and q.token_axis is not None and q.active and q.scale.numel() > 1
+
+
+def _centred_codes(q: ActQuantizer) -> tuple:
+    """(the centred-codes function of per-token quantizer ``q``, its scales)."""
+    qmin, qmax = P.qrange(q.bits, q.symmetric)
+    scale, zp = q.scale.detach().float().cpu(), q.zero_point.detach().round().float().cpu()
+    lo, hi = qmin - zp, qmax - zp
+    offset = int(-lo.min())
+    offset = offset if int(hi.max()) + offset <= 255 else None   # else the matmul stays float
+    args = (tuple(torch.reciprocal(scale).tolist()), tuple(lo.tolist()), tuple(hi.tolist()), -q.token_axis, offset)
+    return (lambda x: CentredCodesFunction.apply(x, *args)), scale
+
+
+def _token_matmul_forward(mod: QMatMul):
+    """``a @ b`` with per-token operands as centred codes, rescaled after the product by the
+    outer product of their scales (q: one per row of the result, kᵀ: one per column)."""
+    rescale = torch.ones(())
+    operands = []
+    for q, rows in ((mod.a_quant, True), (mod.b_quant, False)):
+        if _is_per_token(q):
+            codes, scale = _centred_codes(q)
+            operands.append(codes)
+            rescale = rescale * (scale.reshape(-1, 1) if rows else scale.reshape(1, -1))
+        else:
+            operands.append(q)   # swapped for its own export form
+    codes_a, codes_b = operands
+
+    def forward(a, b):
+        return torch.matmul(codes_a(a), codes_b(b)) * rescale.to(a.device)
     return forward
 
 
@@ -293,8 +364,15 @@ def check_exportable(model: nn.Module) -> None:
             continue
         if type(q) not in (ActQuantizer, Log2Quantizer):
             raise UserError(f"cannot export quantizer {name} of type {type(q).__name__}")
-        if q.active and q.scale.numel() != 1:
+        if q.active and q.scale.numel() != 1 and not _is_per_token(q):
             raise UserError(f"cannot export {name}: only per-tensor activation quantizers are supported")
+    # per-token scales factor out of a matmul only along its rows (a) and columns (b)
+    matmuls = [(n, m) for n, m in model.named_modules() if isinstance(m, QMatMul)]
+    factorable = {id(m.a_quant) for _, m in matmuls if getattr(m.a_quant, "token_axis", None) == 2}
+    factorable |= {id(m.b_quant) for _, m in matmuls if getattr(m.b_quant, "token_axis", None) == 1}
+    for name, q in qs:
+        if _is_per_token(q) and id(q) not in factorable:
+            raise UserError(f"cannot export {name}: its per-token ranges do not factor out of a matmul")
     for name, mod in model.named_modules():
         wq = getattr(mod, "weight_quant", None)
         if isinstance(wq, WeightQuantizer) and not isinstance(mod, (QLinear, QConv2d)):
@@ -338,7 +416,11 @@ def export_mode(model: nn.Module, log2_mode: str = "emulate", patch_as_matmul: b
                 plan.act_bits[name] = q.bits
                 if q.fractional_zero_point:
                     plan.rounded_zero_points.append(name)
-                swap(q, _act_forward(q, torch_rounding))
+                if not _is_per_token(q):   # exported by its matmul, below
+                    swap(q, _act_forward(q, torch_rounding))
+        for mod in model.modules():
+            if isinstance(mod, QMatMul) and (_is_per_token(mod.a_quant) or _is_per_token(mod.b_quant)):
+                swap(mod, _token_matmul_forward(mod))
         for name, mod in model.named_modules():
             if type(mod) in QUANT_MODULES:  # quantizable, but excluded from quantization
                 plan.float_layers.append(name)

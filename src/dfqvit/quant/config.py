@@ -42,6 +42,9 @@ class QuantScheme:
     # output), made exact per-tensor ones by a channel map folded into the Linear (ours, see
     # dfqvit.quant.modules.InputFold; order "sequential" only).
     fold_inputs: bool = False
+    # One range per token position for q and k in q·kᵀ (ours): exact, the scales factor out of
+    # the scores as row and column rescales (order "sequential" only).
+    token_ranges: bool = False
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -52,6 +55,8 @@ class QuantScheme:
             raise ValueError("QuantScheme.compensate needs order='sequential'")
         if self.fold_inputs and not self.compensate:
             raise ValueError("QuantScheme.fold_inputs needs compensate=True")
+        if self.token_ranges and self.order != "sequential":
+            raise ValueError("QuantScheme.token_ranges needs order='sequential'")
 
 
 PRESETS = {
@@ -61,11 +66,11 @@ PRESETS = {
     "repq": QuantScheme(w_method="mse", w_symmetric=True, a_method="mse", log2_softmax=True, reparam=True,
                         reparam_strength=0.5, reparam_shift=False),
     # Ours: RepQ-ViT's quantizers and order, with exact b-bit folded LayerNorm inputs, the other
-    # Linear inputs folded likewise through a channel map, and every Linear compensated in
-    # closed form (ERQ-style ridge update towards the FP output + GPTQ).
+    # Linear inputs folded likewise through a channel map, one range per token for q and k, and
+    # every Linear compensated in closed form (ERQ-style ridge update towards the FP output + GPTQ).
     "repq-comp": QuantScheme(w_method="percentile", w_symmetric=False, a_method="percentile", log2_softmax=True,
                              reparam=True, order="sequential", reparam_head=False, compensate=True,
-                             fold_inputs=True),
+                             fold_inputs=True, token_ranges=True),
     # RepQ-ViT as published (paper + zkkli/RepQ-ViT): asymmetric per-channel weights and
     # per-tensor activations, each range the best of three percentile pairs by L2 error,
     # log-√2 post-softmax quantizer (delta likewise), calibrated in order on the quantized

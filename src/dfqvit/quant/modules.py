@@ -131,9 +131,16 @@ class QMatMul(QuantModuleMixin, nn.Module):
 
 
 def _attention_matmuls(bits: LayerBits, scheme: QuantScheme) -> tuple[QMatMul, QMatMul]:
-    """q·kᵀ (both uniform) and attn·V (log-√2 or float attention probabilities, uniform V)."""
-    qk = QMatMul(ActQuantizer(bits.a_bits, method=scheme.a_method),
-                 ActQuantizer(bits.a_bits, method=scheme.a_method))
+    """q·kᵀ (both uniform; with ``scheme.token_ranges`` below 8 bits one range per token of q
+    and of kᵀ) and attn·V (log-√2 or float attention probabilities, uniform V).
+
+    Below 8 bits the codes of all tokens, each centred on its own zero point, fit one byte, so
+    the export keeps q·kᵀ an integer matmul (:mod:`dfqvit.export.qdq`); at 8 bits they would
+    not, and per-tensor ranges lose little there."""
+    per_token = scheme.token_ranges and bits.a_bits < 8
+    q_axis, k_axis = (2, 1) if per_token else (None, None)   # q: (..., N, d); kᵀ: (..., d, N)
+    qk = QMatMul(ActQuantizer(bits.a_bits, method=scheme.a_method, token_axis=q_axis),
+                 ActQuantizer(bits.a_bits, method=scheme.a_method, token_axis=k_axis))
     probs = Log2Quantizer(bits.a_bits, method=scheme.a_method) if scheme.log2_softmax else ActQuantizer(32)
     av = QMatMul(probs, ActQuantizer(bits.a_bits, method=scheme.a_method))
     return qk, av

@@ -52,11 +52,17 @@ class ActQuantizer(Quantizer):
 
     ``channel_wise`` (calibration only): the range is searched per channel (last dim) and
     applied per channel, until :func:`dfqvit.quant.reparam.fold_channel_ranges` folds the
-    channel ranges into the LayerNorm before it and makes the quantizer per-tensor again."""
+    channel ranges into the LayerNorm before it and makes the quantizer per-tensor again.
 
-    def __init__(self, bits: int, symmetric: bool = False, method: str = "mse"):
+    ``token_axis`` (counted from the end, e.g. 2 for q of shape ``(..., tokens, head_dim)``):
+    one range per token position along that axis, searched in :meth:`calibrate_on`. Only for an
+    operand whose token axis is not a matmul's reduction axis, where the scales factor out of the
+    integer product exactly (q·kᵀ: a row rescale for q, a column rescale for kᵀ)."""
+
+    def __init__(self, bits: int, symmetric: bool = False, method: str = "mse", token_axis: int | None = None):
         super().__init__(bits)
         self.symmetric, self.method = symmetric, method
+        self.token_axis = token_axis
         self.calibrate_on_call = False
         self.channel_wise = False
         self.fractional_zero_point = False
@@ -95,14 +101,28 @@ class ActQuantizer(Quantizer):
         # A Python flag, so that the forward never has to inspect the tensor (no device sync).
         self.fractional_zero_point = bool((self.zero_point != self.zero_point.round()).any())
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def fit_saved_ranges(self, state: dict, prefix: str = "") -> None:
+        """A quantizer with ``token_axis`` is built with one range and calibrated with one per
+        token: give its buffers the shape saved in ``state`` (one range or a vector) before loading."""
+        if self.token_axis is None:
+            return
+        for name in ("scale", "zero_point"):
+            saved = state.get(prefix + name)
+            if saved is not None and saved.ndim == 1 and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.fit_saved_ranges(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sync_zero_point_kind()
 
     def calibrate_on(self, x: torch.Tensor) -> None:
         """Set the range from ``x`` itself (all of its values)."""
         x = x.detach().float()
-        if self.channel_wise:
+        if self.token_axis is not None:
+            axis = x.ndim - self.token_axis
+            self.set_range(*self.search_range(x.movedim(axis, -1).reshape(-1, x.shape[axis]), channel_dim=1))
+        elif self.channel_wise:
             self.set_range(*self.search_range(x.reshape(-1, x.shape[-1]), channel_dim=1))
         else:
             self.set_range(*self.search_range(x.flatten()))
@@ -147,11 +167,17 @@ class ActQuantizer(Quantizer):
         qmin, qmax = P.qrange(self.bits, self.symmetric)
         if self.fractional_zero_point:
             return P.fake_quant_fractional(x, self.scale, self.zero_point, qmin, qmax)
-        axis = x.ndim - 1 if self.scale.numel() > 1 else None
-        return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax, axis=axis)
+        return P.fake_quant(x, self.scale, self.zero_point, qmin, qmax, axis=self.axis(x.ndim))
+
+    def axis(self, ndim: int) -> int | None:
+        """The axis of an ``ndim``-dimensional input that the scales run along (None: per tensor)."""
+        if self.scale.numel() == 1:
+            return None
+        return ndim - (self.token_axis or 1)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per-tensor, {self.method}"
+        granularity = "per-tensor" if self.token_axis is None else f"per token (axis -{self.token_axis})"
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, {granularity}, {self.method}"
 
 
 class Log2Quantizer(ActQuantizer):

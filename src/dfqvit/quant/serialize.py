@@ -30,10 +30,10 @@ from ..errors import UserError, first_line
 from ..fileio import atomic_dir
 from ..models import ModelSpec, build_model, load_checkpoint_strict
 from .config import QuantConfig
-from .convert import quantize_model
+from .convert import quantize_model, quantizers
 from .modules import InputFold
 from .packing import PACK_SUFFIX, dequantize_codes, field_bits, pack_codes, packable, unpack_codes
-from .quantizers import Quantizer
+from .quantizers import ActQuantizer, Quantizer
 
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
@@ -242,6 +242,9 @@ def load_quantized(path) -> tuple[torch.nn.Module, dict]:
     if table:
         state = unpack_state_dict(state, table, model.state_dict())
     state = _with_identity_input_folds(model, state)
+    for name, q in quantizers(model):
+        if isinstance(q, ActQuantizer):
+            q.fit_saved_ranges(state, _prefix(name))
     load_checkpoint_strict(model, state, str(weights))
     return model.eval(), meta
 
