@@ -13,6 +13,7 @@ within one float rounding of a rounding tie can land on the neighbouring code (m
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dfqvit.errors import UserError
 from dfqvit.export import export_float_onnx, export_onnx, make_session, read_onnx_metadata
 from dfqvit.export import onnx_export
 from dfqvit.export.cpu import has_int32_dot
+from dfqvit.export import qdq
 from dfqvit.export.qdq import Log2Function, QDQFunction
 from dfqvit.quant import QuantConfig, quantize, quantize_model
 from dfqvit.quant import primitives as P
@@ -460,6 +462,47 @@ def test_default_preset_exports_exactly(tmp_path, calib, name, w_bits, a_bits):
     assert not any("fractional zero point" in n for n in report.notes)
     assert report.integer_ops.get("MatMulIntegerToFloat", 0) == n_linear_like(qmodel) + n_attention(qmodel), \
         report.table()
+
+
+def test_centred_token_codes_are_the_quantizers_codes():
+    """The export form of a per-token quantizer: its codes centred on each token's zero point,
+    bit for bit the simulation's ``q(x) / s_t``, shifted into one uint8 container; where zero
+    points spread too far for one byte the codes stay float (and the matmul with them)."""
+    x = torch.randn(2, 3, 9, 5, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 4, 9).reshape(9, 1)
+    q = ActQuantizer(4, method="percentile", token_axis=2)
+    q.calibrate_on(x)
+    fn, scale, in_one_byte = qdq._centred_codes(q)
+    codes = fn(x)
+    assert torch.equal(codes * scale.reshape(9, 1), q(x)) and in_one_byte
+    assert torch.equal(codes, codes.round()) and codes.abs().max() <= 15
+    wide = ActQuantizer(8, token_axis=2)       # 8 bits, zero points 0 and 128: 383 codes in all
+    wide.set_scale_zero_point(torch.tensor([0.01, 0.05]), torch.tensor([128.0, 0.0]))
+    fn, scale, in_one_byte = qdq._centred_codes(wide)
+    y = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1)) * 5
+    assert not in_one_byte and torch.equal(fn(y) * scale.reshape(2, 1), wide(y))
+
+
+def test_token_codes_wider_than_a_byte_export_as_float(tmp_path, calib):
+    """An 8-bit per-token q whose zero points spread over the grid does not fit one byte: its
+    codes and that one q·kᵀ stay float in ONNX Runtime, and still match the simulation."""
+    qmodel = copy.deepcopy(quantized("vit", 4, 4, calib, preset="repq-comp"))
+    q = next(m for m in qmodel.modules() if hasattr(m, "matmul_qk")).matmul_qk.a_quant
+    q.bits = 8
+    zero_points = torch.tensor([0.0, 128.0]).repeat(q.scale.numel())[: q.scale.numel()]
+    q.set_scale_zero_point(q.scale / 16, zero_points)
+    report = export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG, rounding="torch")
+    assert_matches(compare(qmodel, tmp_path / "m.onnx"))
+    assert report.integer_ops.get("MatMulIntegerToFloat", 0) == n_linear_like(qmodel) + n_attention(qmodel) - 1
+
+
+def test_token_ranges_along_a_reduction_axis_refused(tmp_path, calib):
+    """Per-token ranges factor out of q·kᵀ only along its rows (q) and columns (kᵀ)."""
+    qmodel = copy.deepcopy(quantized("vit", 4, 4, calib, preset="repq-comp"))
+    attention = next(m for m in qmodel.modules() if hasattr(m, "matmul_qk"))
+    attention.matmul_qk.a_quant.token_axis = 1
+    with pytest.raises(UserError, match="do not factor out"):
+        export_onnx(qmodel, tmp_path / "m.onnx", DATA_CONFIG)
+    assert _no_leftovers(tmp_path)
 
 
 def test_repq_vit_fractional_zero_points_are_reported(tmp_path, calib):

@@ -231,14 +231,15 @@ def _is_per_token(q: nn.Module) -> bool:
 
 
 def _centred_codes(q: ActQuantizer) -> tuple:
-    """(the centred-codes function of per-token quantizer ``q``, its scales)."""
+    """(the centred-codes function of per-token quantizer ``q``, its scales, whether the codes
+    fit one byte: always below 8 bits, where every zero point lies on the grid)."""
     qmin, qmax = P.qrange(q.bits, q.symmetric)
     scale, zp = q.scale.detach().float().cpu(), q.zero_point.detach().round().float().cpu()
     lo, hi = qmin - zp, qmax - zp
     offset = int(-lo.min())
     offset = offset if int(hi.max()) + offset <= 255 else None   # else the matmul stays float
     args = (tuple(torch.reciprocal(scale).tolist()), tuple(lo.tolist()), tuple(hi.tolist()), -q.token_axis, offset)
-    return (lambda x: CentredCodesFunction.apply(x, *args)), scale
+    return (lambda x: CentredCodesFunction.apply(x, *args)), scale, offset is not None
 
 
 def _token_matmul_forward(mod: QMatMul):
@@ -248,7 +249,7 @@ def _token_matmul_forward(mod: QMatMul):
     operands = []
     for q, rows in ((mod.a_quant, True), (mod.b_quant, False)):
         if _is_per_token(q):
-            codes, scale = _centred_codes(q)
+            codes, scale, _ = _centred_codes(q)
             operands.append(codes)
             rescale = rescale * (scale.reshape(-1, 1) if rows else scale.reshape(1, -1))
         else:
