@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        compensate_linear(lin, x, y, scheme.ridge, weight_rounding=True)
+        compensate_linear(lin, x.reshape(32, -1, d_in), y.reshape(32, -1, d_out), scheme.ridge, weight_rounding=True,
+                          ridge_cv=scheme.ridge_cv)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -11,7 +11,7 @@ import torch
 from dfqvit.quant import PRESETS, QLinear, QuantConfig, quantization_disabled, quantize, quantizers
 from dfqvit.quant import primitives as P
 from dfqvit.quant.calibrate import FOLD_MIN_GAIN, _fold_if_it_pays, calibrate_weights
-from dfqvit.quant.compensate import compensate_linear, gptq, ridge_towards
+from dfqvit.quant.compensate import RIDGE_GRID, compensate_linear, gptq, ridge_by_cross_validation, ridge_towards
 from dfqvit.quant.reparam import fold_into_linear
 from dfqvit.quant.modules import LayerBits
 from dfqvit.quant.quantizers import ActQuantizer, WeightQuantizer
@@ -33,6 +33,47 @@ def test_ridge_towards_is_the_least_squares_solution():
     w, b = ridge_towards(x, y, w0, b0, ridge=1e8)
     assert w.abs().max() < 1e-4
     torch.testing.assert_close(b, y.mean(0), atol=1e-3, rtol=0)
+
+
+def _held_out_errors(x, y, w0, b0, images, folds=4):
+    """Brute force: refit ridge_towards without each fold of images, score on that fold."""
+    fold = torch.arange(x.shape[0]) // (x.shape[0] // images) * folds // images
+    errors = []
+    for ridge in RIDGE_GRID:
+        e = 0.0
+        for f in range(folds):
+            w, b = ridge_towards(x[fold != f], y[fold != f], w0, b0, ridge)
+            e += float((x[fold == f] @ w.T + b - y[fold == f]).pow(2).sum())
+        errors.append(e)
+    return errors
+
+
+@pytest.mark.parametrize("signal, expected", [(1.0, min(RIDGE_GRID)), (0.0, max(RIDGE_GRID))])
+def test_ridge_by_cross_validation_picks_the_best_held_out_fit(signal, expected):
+    """A real linear map far from the prior wants the weakest ridge; pure noise (nothing to
+    learn beyond the prior) the strongest. The Gram-matrix shortcut picks what refitting
+    without each fold of images would."""
+    images, tokens = 8, 20
+    x = torch.randn(images * tokens, 12, generator=_gen(0))
+    w_true = torch.randn(5, 12, generator=_gen(1))
+    y = signal * x @ w_true.T + torch.randn(images * tokens, 5, generator=_gen(2))
+    w0, b0 = torch.zeros(5, 12), torch.zeros(5)
+    chosen = ridge_by_cross_validation(x, y, w0, b0, images)
+    errors = _held_out_errors(x, y, w0, b0, images)
+    assert chosen == expected == RIDGE_GRID[errors.index(min(errors))], errors
+
+
+def test_ridge_cv_needs_two_images():
+    """With one image there is nothing to hold out: the scheme's fixed ridge is used."""
+    lin_fp = torch.nn.Linear(16, 8)
+    lin = QLinear.from_float(lin_fp, LayerBits(w_bits=4, a_bits=32), PRESETS["repq-comp"])
+    x = torch.randn(1, 30, 16, generator=_gen(1))
+    with torch.no_grad():
+        y = lin_fp(x)
+        fixed, cv = copy.deepcopy(lin), copy.deepcopy(lin)
+        compensate_linear(fixed, x, y, ridge=10.0, weight_rounding=True)
+        compensate_linear(cv, x, y, ridge=10.0, weight_rounding=True, ridge_cv=True)
+    assert torch.equal(fixed.weight, cv.weight)
 
 
 def test_gptq_beats_nearest_rounding_on_correlated_inputs():
@@ -173,11 +214,11 @@ def test_fold_is_kept_only_where_it_pays(w_bits, a_bits):
     calibrate_weights(chosen)
     kept_fold = _fold_if_it_pays(chosen, x, target, scheme)
     plain.input_quant.calibrate_on(x)
-    compensate_linear(plain, plain.input_quant(x), target, scheme.ridge, True)
+    compensate_linear(plain, plain.input_quant(x), target, scheme.ridge, True, scheme.ridge_cv)
     folded.input_quant.channel_wise = True
     folded.input_quant.calibrate_on(x)
     fold_into_linear(folded, folded.input_quant.scale, folded.input_quant.zero_point)
-    compensate_linear(folded, folded.input_quant(folded.input_fold(x)), target, scheme.ridge, True)
+    compensate_linear(folded, folded.input_quant(folded.input_fold(x)), target, scheme.ridge, True, scheme.ridge_cv)
     errors = {True: output_error(folded), False: output_error(plain)}
     assert kept_fold == (errors[True] < (1 - FOLD_MIN_GAIN) * errors[False])
     assert chosen.input_fold.active == kept_fold

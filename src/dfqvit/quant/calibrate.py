@@ -131,7 +131,7 @@ def _compensate(lin: QLinear, x: torch.Tensor, target: torch.Tensor, scheme) -> 
     """:func:`compensate_linear` on ``lin``'s quantized input; returns the mean squared error
     of the compensated layer's output against ``target``."""
     x_quantized = lin.input_quant(lin.input_fold(x))
-    compensate_linear(lin, x_quantized, target, scheme.ridge, scheme.weight_rounding == "gptq")
+    compensate_linear(lin, x_quantized, target, scheme.ridge, scheme.weight_rounding == "gptq", scheme.ridge_cv)
     out = torch.nn.functional.linear(x_quantized, lin.weight_quant(lin.weight), lin.bias)
     return float((out - target.to(out.device)).pow(2).mean())
 

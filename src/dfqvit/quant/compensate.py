@@ -24,21 +24,61 @@ import torch
 from . import primitives as P
 from .quantizers import WeightQuantizer
 
+# Candidates of ridge_by_cross_validation (relative λ); one fixed λ = 10 was best among
+# 0.01..1000 on the zoo (docs/RESULTS.md).
+RIDGE_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def _augmented(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``θ`` (``(in + 1) × out``, bias last) minimising ``||y − [x 1] θ||² + λ||θ_w − prior_w||²``
+    from ``gram = [x 1]ᵀ[x 1]`` and ``cross = [x 1]ᵀ y``, with ``λ = ridge · mean(diag(xᵀx))``."""
+    d = gram.shape[0] - 1
+    penalty = torch.zeros(d + 1, dtype=gram.dtype, device=gram.device)
+    penalty[:d] = ridge * float(torch.diagonal(gram)[:d].mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram + torch.diag(penalty), cross + penalty[:, None] * prior)
+
+
+def _prior(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.cat([weight.double().T, bias.double()[None]], dim=0)
+
 
 def ridge_towards(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W', b')`` minimising ``||y − x W'ᵀ − b'||² + λ||W' − weight||²`` over the rows of ``x``
     (tokens × in) and ``y`` (tokens × out), with ``λ = ridge · mean(diag(xᵀx))``."""
-    x, y = x.double(), y.double()
-    n, d = x.shape
-    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], dim=1)
-    gram = xa.T @ xa
-    lam = ridge * float(torch.diagonal(gram)[:d].mean().clamp_min(1e-12))
-    penalty = torch.zeros(d + 1, dtype=x.dtype, device=x.device)
-    penalty[:d] = lam
-    prior = torch.cat([weight.double().T, bias.double()[None]], dim=0)      # (d + 1) × out
-    theta = torch.linalg.solve(gram + torch.diag(penalty), xa.T @ y + penalty[:, None] * prior)
-    return theta[:d].T.to(weight.dtype), theta[d].to(bias.dtype)
+    xa, y = _augmented(x), y.double()
+    theta = _ridge_solve(xa.T @ xa, xa.T @ y, _prior(weight, bias), ridge)
+    return theta[:-1].T.to(weight.dtype), theta[-1].to(bias.dtype)
+
+
+def ridge_by_cross_validation(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              images: int, grid: tuple[float, ...] = RIDGE_GRID, folds: int = 4) -> float:
+    """The ``ridge`` of ``grid`` whose :func:`ridge_towards` fit predicts held-out images best:
+    ``folds``-fold cross-validation with the rows (``images`` blocks of tokens, in order) split
+    by image, since tokens of one image are far from independent. The error tail of a fit on
+    32 images is overfitting, and how much a layer can take differs from layer to layer.
+    One Gram matrix per fold, so each candidate costs one small solve, not a pass over the data."""
+    folds = min(folds, images)
+    xa, y = _augmented(x), y.double()
+    fold_of_row = torch.arange(xa.shape[0], device=xa.device) // (xa.shape[0] // images) * folds // images
+    parts = [(xa[fold_of_row == f], y[fold_of_row == f]) for f in range(folds)]
+    grams = [(a.T @ a, a.T @ b, float((b * b).sum())) for a, b in parts]
+    gram, cross = sum(g for g, _, _ in grams), sum(c for _, c, _ in grams)
+    prior = _prior(weight, bias)
+    errors = []
+    for ridge in grid:
+        error = 0.0
+        for g_held, c_held, yy_held in grams:
+            theta = _ridge_solve(gram - g_held, cross - c_held, prior, ridge)
+            # ||y − Aθ||² on the held-out fold, from its Gram matrix
+            error += yy_held - 2 * float((theta * c_held).sum()) + float((theta * (g_held @ theta)).sum())
+        errors.append(error)
+    return grid[min(range(len(grid)), key=errors.__getitem__)]
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer, damp: float = 0.01,
@@ -81,13 +121,18 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantizer: WeightQuantizer
 
 @torch.no_grad()
 def compensate_linear(lin, x_quantized: torch.Tensor, target: torch.Tensor, ridge: float,
-                      weight_rounding: bool) -> None:
+                      weight_rounding: bool, ridge_cv: bool = False) -> None:
     """Compensate ``lin`` (a :class:`~dfqvit.quant.modules.QLinear`) in place: ridge update of its
-    float weights towards ``target`` (FP outputs, tokens × out) from its quantized input
-    (tokens × in), weight ranges calibrated on the result, then GPTQ rounding (or plain
-    rounding) and a bias refit. Afterwards ``lin.weight`` lies on the quantizer's grid."""
+    float weights towards ``target`` (FP outputs, images × tokens × out) from its quantized input
+    (images × tokens × in), weight ranges calibrated on the result, then GPTQ rounding (or plain
+    rounding) and a bias refit. Afterwards ``lin.weight`` lies on the quantizer's grid.
+    With ``ridge_cv`` (and two images or more) the ridge is chosen for this layer by
+    :func:`ridge_by_cross_validation` instead."""
+    images = x_quantized.shape[0]
     x = x_quantized.reshape(-1, lin.in_features).float()
     y = target.reshape(-1, lin.out_features).float().to(x.device)
+    if ridge_cv and images >= 2:
+        ridge = ridge_by_cross_validation(x, y, lin.weight, lin.bias, images)
     weight, bias = ridge_towards(x, y, lin.weight, lin.bias, ridge)
     lin.weight.copy_(weight)
     lin.bias.copy_(bias)

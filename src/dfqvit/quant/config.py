@@ -37,6 +37,9 @@ class QuantScheme:
     # dfqvit.quant.compensate): ridge update towards the FP output, then weight rounding.
     compensate: bool = False
     ridge: float = 10.0             # λ relative to mean(diag(x̂ᵀx̂)); measured 0.01..1000 on the zoo (docs/RESULTS.md)
+    # Instead, λ per Linear from RIDGE_GRID by image-grouped cross-validation (ours, see
+    # dfqvit.quant.compensate.ridge_by_cross_validation).
+    ridge_cv: bool = False
     weight_rounding: str = "gptq"   # gptq | nearest
     # Per-channel ranges for every Linear input that no LayerNorm feeds (post-GELU, attention
     # output), made exact per-tensor ones by a channel map folded into the Linear (ours, see
@@ -53,6 +56,8 @@ class QuantScheme:
             raise ValueError(f"QuantScheme.weight_rounding must be one of {WEIGHT_ROUNDINGS}, not {self.weight_rounding!r}")
         if self.compensate and self.order != "sequential":
             raise ValueError("QuantScheme.compensate needs order='sequential'")
+        if self.ridge_cv and not self.compensate:
+            raise ValueError("QuantScheme.ridge_cv needs compensate=True")
         if self.fold_inputs and not self.compensate:
             raise ValueError("QuantScheme.fold_inputs needs compensate=True")
         if self.token_ranges and self.order != "sequential":
@@ -67,10 +72,11 @@ PRESETS = {
                         reparam_strength=0.5, reparam_shift=False),
     # Ours: RepQ-ViT's quantizers and order, with exact b-bit folded LayerNorm inputs, the other
     # Linear inputs folded likewise through a channel map, one range per token for q and k, and
-    # every Linear compensated in closed form (ERQ-style ridge update towards the FP output + GPTQ).
+    # every Linear compensated in closed form (ERQ-style ridge update towards the FP output, its
+    # strength cross-validated per layer, + GPTQ).
     "repq-comp": QuantScheme(w_method="percentile", w_symmetric=False, a_method="percentile", log2_softmax=True,
                              reparam=True, order="sequential", reparam_head=False, compensate=True,
-                             fold_inputs=True, token_ranges=True),
+                             ridge_cv=True, fold_inputs=True, token_ranges=True),
     # RepQ-ViT as published (paper + zkkli/RepQ-ViT): asymmetric per-channel weights and
     # per-tensor activations, each range the best of three percentile pairs by L2 error,
     # log-√2 post-softmax quantizer (delta likewise), calibrated in order on the quantized
